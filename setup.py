@@ -1,0 +1,33 @@
+"""Installs nfnets_jax: Normalizer-Free Networks and AGC for today's JAX."""
+import setuptools
+
+setuptools.setup(
+    name="nfnets_jax",
+    version="0.1.0",
+    description="Normalizer-Free Networks (NFNets, NF-ResNets, NF-RegNets) and "
+    "Adaptive Gradient Clipping in JAX/Haiku.",
+    packages=setuptools.find_packages(include=["nfnets_jax", "nfnets_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "dm-haiku==0.0.17",
+        "optax==0.2.8",
+        "chex==0.1.92",
+        "numpy>=2.0,<3",
+        "ml-collections==1.1.0",
+        "tensorflow-datasets==4.9.10",
+        "grain==0.2.18",
+        "orbax-checkpoint==0.12.8",
+        "scikit-learn>=1.5",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
+                 "torchvision==0.29.1", "timm>=1.0"],
+    },
+    entry_points={
+        "console_scripts": ["nfnets-train=nfnets_jax.train:main"],
+    },
+)
