@@ -166,3 +166,39 @@ def test_signal_metrics_match_numpy():
                              np.mean(x.mean(axis=(0, 1, 2)) ** 2), rtol=1e-5)
   np.testing.assert_allclose(m["avg_var_7"],
                              np.mean(x.var(axis=(0, 1, 2))), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,groups,size", [
+    (3, 1, 1, 8), (3, 2, 2, 9), (1, 1, 1, 6), (1, 2, 4, 7), (5, 2, 1, 8)])
+def test_split_lowering_gradients_equal_native(kernel, stride, groups, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 8 // groups, 12))
+  g = jax.random.normal(jax.random.key(2), layers.grouped_conv(
+      x, w, stride=(stride,) * 2, padding="SAME", groups=groups,
+      impl="native").shape)
+  grads = {}
+  for impl in ("native", "split"):
+    f = lambda x, w: layers.grouped_conv(x, w, stride=(stride,) * 2,
+                                         padding="SAME", groups=groups,
+                                         impl=impl)
+    grads[impl] = jax.vjp(f, x, w)[1](g)
+  for got, want in zip(grads["split"], grads["native"]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_weight_grad_matches_numpy_brute_force():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+  g = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  pads = ((1, 1), (1, 1))
+  got = layers.conv_weight_grad(jnp.asarray(x), jnp.asarray(g), (3, 3), (2, 2),
+                                pads)
+  xp = np.pad(x, ((0, 0), *pads, (0, 0)))
+  want = np.zeros((3, 3, 3, 4))
+  for i in range(3):
+    for j in range(3):
+      for h in range(3):
+        for w in range(3):
+          want[i, j] += np.einsum("nc,no->co", xp[:, 2 * h + i, 2 * w + j],
+                                  g[:, h, w])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
