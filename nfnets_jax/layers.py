@@ -85,8 +85,13 @@ def estimate_gamma(fn: Activation, num_samples: int = 4_000_000,
   return float(1.0 / jnp.std(y))
 
 
-def get_activation(name: str) -> Activation:
-  """Returns the gamma-scaled nonlinearity `x -> gamma * g(x)` called `name`.
+def get_activation(name: str, scaled: bool = True) -> Activation:
+  """Returns the nonlinearity `name`, gamma-scaled (`x -> gamma * g(x)`).
+
+  Args:
+    name: a key of `RAW_NONLINEARITIES`.
+    scaled: multiply by the nonlinearity's gamma (normalizer-free nets) or
+      not (the normalized and unnormalized baselines).
 
   Raises:
     ValueError: if `name` is not a known nonlinearity.
@@ -95,7 +100,7 @@ def get_activation(name: str) -> Activation:
     raise ValueError(f"activation={name!r} is not a known nonlinearity; "
                      f"allowed: {sorted(RAW_NONLINEARITIES)}")
   fn, gamma = RAW_NONLINEARITIES[name], NONLINEARITY_GAMMAS[name]
-  if gamma == 1.0:
+  if gamma == 1.0 or not scaled:
     return fn
   return lambda x: fn(x) * jnp.asarray(gamma, x.dtype)
 

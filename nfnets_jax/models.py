@@ -6,10 +6,20 @@ from typing import Any
 
 import haiku as hk
 
+from nfnets_jax import fixup_resnet
+from nfnets_jax import nf_regnet
+from nfnets_jax import nf_resnet
 from nfnets_jax import nfnet
+from nfnets_jax import resnet
+from nfnets_jax import skipinit_resnet
 
 MODELS: dict[str, Callable[..., hk.Module]] = {
     "NFNet": nfnet.NFNet,
+    "NFResNet": nf_resnet.NFResNet,
+    "NFRegNet": nf_regnet.NFRegNet,
+    "ResNet": resnet.ResNet,
+    "SkipInitResNet": skipinit_resnet.SkipInitResNet,
+    "FixupResNet": fixup_resnet.FixupResNet,
 }
 
 

@@ -17,7 +17,7 @@ Two sources of ImageNet weights map 1:1 onto `nfnets_jax.NFNet` parameters:
   checkpoint can never run code. Convert once to a plain `.npz` of flat names
   `"<module>/<param>"` (read with `allow_pickle=False`)::
 
-      python -m nfnets_jax.pretrained convert F0_haiku.npz F0.npz
+      python -m nfnets_jax.convert_checkpoint convert F0_haiku.npz F0.npz
 
 * timm's PyTorch port, `timm.create_model('dm_nfnet_f0' ... 'dm_nfnet_f6')`:
   `from_timm_state_dict` renames and transposes its state dict.
@@ -61,14 +61,12 @@ Image Recognition Without Normalization (ICML).
 from __future__ import annotations
 
 import _compat_pickle
-import argparse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 import functools
 import io
 import os
 import pickle
 import re
-import sys
 from typing import Any, BinaryIO
 
 import haiku as hk
@@ -364,7 +362,7 @@ def load_pretrained(path: PathLike,
     * the official `F{0..6}_haiku.npz` (a dill pickle of Haiku mappings;
       unpickled by `RestrictedUnpickler`, which cannot run code);
     * a real `.npz` of flat names `"<module>/<param>"` (`save_npz`, or
-      `python -m nfnets_jax.pretrained convert`), read with
+      `python -m nfnets_jax.convert_checkpoint convert`), read with
       `allow_pickle=False`;
     * an `.npy` object array of the tree (`np.save(path, params)`), its
       pickle part read by `RestrictedUnpickler`.
@@ -464,7 +462,7 @@ def expected_param_shapes(
                           tuple(sorted(model_kwargs.items())))
 
 
-def _head_classes(params: Mapping[str, Mapping[str, Any]]) -> int | None:
+def head_classes(params: Mapping[str, Mapping[str, Any]]) -> int | None:
   head = params.get(f"{PREFIX}/~/linear", {})
   w = head.get("w")
   return None if w is None or np.ndim(w) != 2 else int(np.shape(w)[1])
@@ -491,7 +489,7 @@ def check_params(params: Mapping[str, Mapping[str, Any]],
       `module/param` names (with both shapes).
   """
   if num_classes is None:
-    num_classes = _head_classes(params) or 1000
+    num_classes = head_classes(params) or 1000
   expected = expected_param_shapes(variant, num_classes, **model_kwargs)
   got = {f"{m}/{n}": tuple(np.shape(v)) for m, leaves in params.items()
          for n, v in leaves.items()}
@@ -751,88 +749,3 @@ def from_timm_state_dict(state_dict: Mapping[str, Any],
   if variant is not None:
     check_params(params, variant, source="timm state dict")
   return params, {}
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------
-
-
-def _load_timm_file(path: str) -> Mapping[str, Any]:
-  if path.endswith(".safetensors"):
-    # pylint: disable-next=g-import-not-at-top
-    from safetensors.numpy import load_file
-    return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model", "state_dict_ema"):
-    if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-      return sd[key]
-  return sd
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m nfnets_jax.pretrained {convert,convert-timm,info} ...`.
-
-  convert IN OUT        official (pickled) checkpoint -> safe .npz
-  convert-timm IN OUT   timm dm_nfnet_* .pth/.safetensors -> safe .npz
-  info IN               print the variant and parameter count
-
-  Args:
-    argv: command-line arguments (default `sys.argv[1:]`).
-
-  Returns:
-    The exit status: 0, or 1 after printing the error (unsafe or unreadable
-    file, params that do not match `--variant`).
-  """
-  parser = argparse.ArgumentParser(
-      prog="python -m nfnets_jax.pretrained",
-      description="Convert NFNet checkpoints to a safe .npz of flat names.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  for command, help_ in [
-      ("convert", "official F*_haiku.npz (pickle) or .npz -> safe .npz"),
-      ("convert-timm", "timm dm_nfnet_* .pth / .safetensors -> safe .npz")]:
-    p = sub.add_parser(command, help=help_)
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--variant", default=None,
-                   help="check names/shapes against this NFNet variant "
-                   "(default: the inferred one)")
-  p = sub.add_parser("info", help="print variant and parameter count")
-  p.add_argument("input")
-  args = parser.parse_args(argv)
-  try:
-    return _run(args)
-  except (OSError, ValueError, pickle.UnpicklingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-
-
-def _run(args: argparse.Namespace) -> int:
-  """Carries out one `main` command."""
-  if args.command == "convert-timm":
-    params, _ = from_timm_state_dict(_load_timm_file(args.input))
-  else:
-    params, _ = load_pretrained(args.input)
-  count = sum(int(np.size(v)) for leaves in params.values()
-              for v in leaves.values())
-  try:
-    variant = infer_variant(params)
-  except ValueError as e:
-    variant = None
-    if args.command == "info" or getattr(args, "variant", None) is None:
-      print(f"warning: {e}", file=sys.stderr)
-  if args.command == "info":
-    print(f"{args.input}: variant={variant} params={count:,} "
-          f"modules={len(params)} classes={_head_classes(params)}")
-    return 0
-  check_variant = args.variant or variant
-  if check_variant is not None:
-    check_params(params, check_variant, source=args.input)
-  out = save_npz(params, args.output)
-  print(f"wrote {out}: variant={check_variant} params={count:,}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nfnets_jax import convert_checkpoint
 from nfnets_jax import nfnet
 from nfnets_jax import pretrained
 
@@ -297,21 +298,21 @@ def test_convert_cli(tmp_path, capsys):
   params = random_params(TINY)
   src = tmp_path / "F0_haiku.npz"
   src.write_bytes(old_haiku_pickle(params))
-  assert pretrained.main(["convert", str(src), str(tmp_path / "out")]) == 0
+  assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "out")]) == 0
   assert "wrote" in capsys.readouterr().out
   assert_params_equal(params,
                       pretrained.load_pretrained(tmp_path / "out.npz")[0])
-  assert pretrained.main(["info", str(tmp_path / "out.npz")]) == 0
+  assert convert_checkpoint.main(["info", str(tmp_path / "out.npz")]) == 0
   assert "classes=10" in capsys.readouterr().out
   # An explicit variant that does not fit fails with the mismatch listing.
-  assert pretrained.main(["convert", str(src), str(tmp_path / "x"),
+  assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "x"),
                           "--variant", "F0"]) == 1
   err = capsys.readouterr().err
   assert "does not match NFNet variant='F0'" in err and "missing" in err
   assert not (tmp_path / "x.npz").exists()
   # So does an unsafe file, without running it.
   src.write_bytes(pickle.dumps(_Exploit(os.system, "true")))
-  assert pretrained.main(["convert", str(src), str(tmp_path / "y")]) == 1
+  assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "y")]) == 1
   assert "refusing to unpickle global posix.system" in capsys.readouterr().err
 
 
@@ -544,7 +545,7 @@ def test_convert_timm_cli(timm_f0, tmp_path):
   model, params, _, _ = timm_f0
   src = tmp_path / "dm_nfnet_f0.pth"
   torch.save(model.state_dict(), src)
-  assert pretrained.main(["convert-timm", str(src), str(tmp_path / "f0.npz")
+  assert convert_checkpoint.main(["convert-timm", str(src), str(tmp_path / "f0.npz")
                           ]) == 0
   assert_params_equal(params, pretrained.load_pretrained(
       tmp_path / "f0.npz", variant="F0")[0])

@@ -1,0 +1,96 @@
+"""Command line for NFNet checkpoints: convert to a safe `.npz`, inspect.
+
+  python -m nfnets_jax.convert_checkpoint convert F0_haiku.npz F0.npz
+  python -m nfnets_jax.convert_checkpoint convert-timm dm_nfnet_f0.pth F0.npz
+  python -m nfnets_jax.convert_checkpoint info F0.npz
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+import pickle
+import sys
+from typing import Any
+
+import numpy as np
+
+from nfnets_jax import pretrained
+
+def _load_timm_file(path: str) -> Mapping[str, Any]:
+  if path.endswith(".safetensors"):
+    # pylint: disable-next=g-import-not-at-top
+    from safetensors.numpy import load_file
+    return load_file(path)
+  import torch  # pylint: disable=g-import-not-at-top
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  for key in ("state_dict", "model", "state_dict_ema"):
+    if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+      return sd[key]
+  return sd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m nfnets_jax.convert_checkpoint {convert,convert-timm,info} ...`.
+
+  convert IN OUT        official (pickled) checkpoint -> safe .npz
+  convert-timm IN OUT   timm dm_nfnet_* .pth/.safetensors -> safe .npz
+  info IN               print the variant and parameter count
+
+  Args:
+    argv: command-line arguments (default `sys.argv[1:]`).
+
+  Returns:
+    The exit status: 0, or 1 after printing the error (unsafe or unreadable
+    file, params that do not match `--variant`).
+  """
+  parser = argparse.ArgumentParser(
+      prog="python -m nfnets_jax.convert_checkpoint",
+      description="Convert NFNet checkpoints to a safe .npz of flat names.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for command, help_ in [
+      ("convert", "official F*_haiku.npz (pickle) or .npz -> safe .npz"),
+      ("convert-timm", "timm dm_nfnet_* .pth / .safetensors -> safe .npz")]:
+    p = sub.add_parser(command, help=help_)
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--variant", default=None,
+                   help="check names/shapes against this NFNet variant "
+                   "(default: the inferred one)")
+  p = sub.add_parser("info", help="print variant and parameter count")
+  p.add_argument("input")
+  args = parser.parse_args(argv)
+  try:
+    return _run(args)
+  except (OSError, ValueError, pickle.UnpicklingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+  """Carries out one `main` command."""
+  if args.command == "convert-timm":
+    params, _ = pretrained.from_timm_state_dict(_load_timm_file(args.input))
+  else:
+    params, _ = pretrained.load_pretrained(args.input)
+  count = sum(int(np.size(v)) for leaves in params.values()
+              for v in leaves.values())
+  try:
+    variant = pretrained.infer_variant(params)
+  except ValueError as e:
+    variant = None
+    if args.command == "info" or getattr(args, "variant", None) is None:
+      print(f"warning: {e}", file=sys.stderr)
+  if args.command == "info":
+    print(f"{args.input}: variant={variant} params={count:,} "
+          f"modules={len(params)} classes={pretrained.head_classes(params)}")
+    return 0
+  check_variant = args.variant or variant
+  if check_variant is not None:
+    pretrained.check_params(params, check_variant, source=args.input)
+  out = pretrained.save_npz(params, args.output)
+  print(f"wrote {out}: variant={check_variant} params={count:,}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
