@@ -6,6 +6,7 @@ References:
   Brock, De, Smith. Characterizing signal propagation to close the performance
     gap in unnormalized ResNets. ICLR 2021.
 """
+from nfnets_jax.agc import adaptive_grad_clip
 from nfnets_jax.fixup_resnet import FixupResNet
 from nfnets_jax.layers import NONLINEARITY_GAMMAS
 from nfnets_jax.layers import SqueezeExcite
