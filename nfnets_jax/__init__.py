@@ -6,7 +6,9 @@ References:
   Brock, De, Smith. Characterizing signal propagation to close the performance
     gap in unnormalized ResNets. ICLR 2021.
 """
+from nfnets_jax.agc import AdaptiveGradClipState
 from nfnets_jax.agc import adaptive_grad_clip
+from nfnets_jax.agc import clip_stats
 from nfnets_jax.fixup_resnet import FixupResNet
 from nfnets_jax.layers import NONLINEARITY_GAMMAS
 from nfnets_jax.layers import SqueezeExcite
@@ -23,6 +25,11 @@ from nfnets_jax.nf_regnet import NFRegNet
 from nfnets_jax.nf_resnet import NFResNet
 from nfnets_jax.nfnet import NFNET_VARIANTS
 from nfnets_jax.nfnet import NFNet
+from nfnets_jax.optim import OPTIMIZERS
+from nfnets_jax.optim import agc_mask
+from nfnets_jax.optim import make_optimizer
+from nfnets_jax.optim import make_schedule
+from nfnets_jax.optim import weight_decay_mask
 from nfnets_jax.pretrained import OFFICIAL_NFNET_KWARGS
 from nfnets_jax.pretrained import TIMM_NFNET_KWARGS
 from nfnets_jax.pretrained import check_params

@@ -214,7 +214,8 @@ def adaptive_grad_clip(
 
   Args:
     clipping: maximum allowed ratio of a unit's gradient norm to its parameter
-      norm; must be > 0. The paper uses 0.01 for batch 4096 (its Fig. 3).
+      norm; must be > 0. The paper uses 0.01 for NFNets at batch 4096 and
+      finds larger batches need smaller values (Sec. 4.1).
     eps: lower bound on parameter norms, so that zero-initialised parameters
       (e.g. skip gains) can still move; must be >= 0.
     unitwise_axes: how units are formed. None: `default_unitwise_axes`. An int

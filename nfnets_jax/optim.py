@@ -43,8 +43,10 @@ Mask = Union[Any, Callable[[Any], Any]]
 # `scale`/`offset`, Linear `b`, and anything named like a gain or a bias
 # (WSConv2D `gain`/`bias`, NF block `skip_gain`).
 _NO_DECAY_NAMES = frozenset({"scale", "offset", "b"})
-_CLASSIFIER_RE = re.compile(r"[^/]+/~/linear")
-_NUMBERED_LINEAR_RE = re.compile(r"([^/]+)/~/linear_\d+")
+# A direct child `linear` of a top-level module: `Net/~/linear` when built in
+# the parent's __init__ (the release's models), `Net/linear` in its __call__.
+_CLASSIFIER_RE = re.compile(r"[^/]+/(~/)?linear")
+_NUMBERED_LINEAR_RE = re.compile(r"([^/]+)/(~/)?linear_\d+")
 
 
 def _split_path(path: tuple[Any, ...]) -> tuple[str, str]:
@@ -77,7 +79,8 @@ def weight_decay_mask(params: Params) -> Any:
 def find_classifier(params: Params) -> str:
   """Module name of the network's classifier: the top-level `linear`.
 
-  The rule: the classifier is the module named `<top>/~/linear`, where `<top>`
+  The rule: the classifier is the module named `<top>/~/linear` (or
+  `<top>/linear`, Haiku's name for a Linear built in `__call__`), where `<top>`
   is the network's top-level module (`NFNet/~/linear`, `NFResNet/~/linear`,
   `NFRegNet/~/linear`, `ResNet/~/linear`). Nested linears (squeeze-excite's
   `.../squeeze_excite/~/linear`) are never the classifier.
@@ -99,7 +102,8 @@ def find_classifier(params: Params) -> str:
   if len(found) != 1:
     raise ValueError(
         "Cannot tell the classifier: expected exactly one top-level module "
-        f"named '<network>/~/linear', found {found or 'none'}. Pass "
+        f"named '<network>/~/linear' or '<network>/linear', found "
+        f"{found or 'none'}. Pass "
         "classifier_module='<module name>' (e.g. 'NFNet/~/linear')."
     )
   top = found[0].split("/", 1)[0]

@@ -8,6 +8,7 @@ groups (`experiment_nfnets.py`) and its schedules (`WarmupCosineDecay`,
 
 import math
 
+import haiku as hk
 import jax
 import ml_collections
 import numpy as np
@@ -181,6 +182,44 @@ def test_masks_reproduce_release_groups(top):
   assert clip[f"{top}/~/nf_block/~/squeeze_excite/~/linear"]["w"]
   assert wd[f"{top}/~/linear"]["w"]
   assert not wd[f"{top}/~/nf_block"]["skip_gain"]
+
+
+def test_agc_mask_on_haiku_names():
+  # Haiku names a Linear built in __init__ `Net/~/linear`, one built in
+  # __call__ `net/linear`; both are the top-level module's classifier.
+  class Net(hk.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.fc = hk.Linear(3)
+
+    def __call__(self, x):
+      return self.fc(jax.nn.relu(hk.Conv1D(4, 3)(x)))
+
+  class CallNet(hk.Module):
+
+    def __call__(self, x):
+      return hk.Linear(3)(jax.nn.relu(hk.Conv1D(4, 3)(x)))
+
+  class TwoLinearNet(Net):
+
+    def __call__(self, x):
+      return self.fc(hk.Linear(4)(x))
+
+  init = lambda m: hk.transform(lambda x: m()(x)).init(
+      jax.random.PRNGKey(0), np.ones((1, 5, 2), np.float32))
+  for module, classifier in ((Net, "net/~/linear"),
+                             (CallNet, "call_net/linear")):
+    params = init(module)
+    assert optim.find_classifier(params) == classifier
+    mask = optim.agc_mask(params)
+    assert [n for n, v in jax.tree_util.tree_leaves_with_path(mask)
+            if not v] == [(jax.tree_util.DictKey(classifier),
+                           jax.tree_util.DictKey("w"))]
+  # `two_linear_net/~/linear` and `two_linear_net/linear`: ambiguous.
+  with pytest.raises(ValueError, match="found \\['two_linear_net/linear', "
+                     "'two_linear_net/~/linear'\\]"):
+    optim.find_classifier(init(TwoLinearNet))
 
 
 def test_agc_mask_classifier_rule():
