@@ -22,10 +22,12 @@ setuptools.setup(
         "scikit-learn>=1.5",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorboardX==2.6.5",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
-                 "torchvision==0.29.1", "timm>=1.0"],
+                 "torchvision==0.29.1", "timm>=1.0",
+                 "portpicker>=1.6"],
     },
     entry_points={
         "console_scripts": ["nfnets-train=nfnets_jax.train:main"],

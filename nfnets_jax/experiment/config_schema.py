@@ -1,0 +1,135 @@
+"""The experiment config schema: every field, its type and its default.
+
+Configs in `configs/` start from `base_config()` and change values; they
+never add fields, so the schema is this one function (documented field by
+field in `configs/default.py`). Optional fields are ml_collections
+placeholders so that `--config.x=value` can set a field whose default is None.
+"""
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+_placeholder = config_dict.placeholder
+
+
+def base_config() -> config_dict.ConfigDict:
+  """Returns the schema with defaults (unlocked; `finalize` locks it)."""
+  return config_dict.ConfigDict({
+      "seed": 0,
+      "workdir": "",
+      "model": {
+          "name": "NFNet",
+          "kwargs": {},
+      },
+      "dataset": {
+          "name": "digits",
+          "data_dir": _placeholder(str),
+          "train_split": "train",
+          "eval_split": "test",
+          "num_workers": 0,
+          # Fixed number of data shards (0: one per process). Each process
+          # reads num_shards / process_count of them; fixing it makes the
+          # data stream independent of the number of hosts.
+          "num_shards": 0,
+      },
+      "train": {
+          "global_batch_size": 256,
+          "num_epochs": _placeholder(float),
+          "num_steps": _placeholder(int),
+          "image_size": 32,
+          "augment": {
+              "random_crop": False,
+              "flip": False,
+              "randaugment_layers": 0,
+              "randaugment_magnitude": 0,
+              "mixup_alpha": 0.0,
+              "cutmix_alpha": 0.0,
+          },
+          "label_smoothing": 0.0,
+          "loss": "softmax",
+          "ema_decay": _placeholder(float),
+          "ema_warmup": True,
+          "compute_dtype": "float32",
+          "log_every_steps": 10,
+          "prefetch": 2,
+          # Debug hook: the images of this (1-based) step become NaN, so its
+          # loss does (tests the NaN stop).
+          "debug_nan_at_step": _placeholder(int),
+      },
+      "eval": {
+          "batch_size": 256,
+          "image_size": 32,
+          "crop_padding": 32,
+          "every_steps": 0,
+      },
+      "checkpoint": {
+          "every_steps": 1000,
+          "max_to_keep": 3,
+      },
+      "optimizer": {
+          "name": "sgd",
+          "kwargs": {"momentum": 0.9, "nesterov": True},
+          "weight_decay": 0.0,
+          "agc": {"clipping": 0.01, "eps": 1e-3,
+                  "classifier_module": _placeholder(str)},
+          "lr": {
+              "base_lr": 0.1,
+              "base_batch_size": 256,
+              "warmup_epochs": 0.0,
+              "schedule": "cosine",
+              "end_lr_factor": 0.0,
+              "decay_factor": _placeholder(float),
+              "decay_epochs": _placeholder(float),
+          },
+          "track_clip_stats": False,
+      },
+      "distributed": {
+          "initialize": "auto",
+          "coordinator_address": _placeholder(str),
+          "num_processes": _placeholder(int),
+          "process_id": _placeholder(int),
+      },
+      "pretrained": {
+          "path": _placeholder(str),
+          "reinit_head": True,
+      },
+      "logging": {
+          "progress_bar": True,
+          "tensorboard": False,
+      },
+  })
+
+
+def smoke(config: config_dict.ConfigDict, *, image_size: int = 32,
+          model_kwargs: dict | None = None) -> config_dict.ConfigDict:
+  """Shrinks a config to one tiny step (big_vision's `runlocal`).
+
+  Keeps the recipe (optimizer, loss, augmentation, EMA, dtype) and replaces
+  the sizes: a global batch of 8, one step, tiny images and a tiny model, so
+  CI can run every config end to end on CPU.
+
+  Args:
+    config: a full config.
+    image_size: train and eval resolution of the smoke run.
+    model_kwargs: model keyword overrides (a tiny variant).
+  """
+  config.train.global_batch_size = 8
+  config.train.num_steps = 1
+  config.train.num_epochs = None
+  config.train.image_size = image_size
+  config.train.log_every_steps = 1
+  config.eval.batch_size = 32
+  config.eval.image_size = image_size
+  config.eval.every_steps = 0
+  config.checkpoint.every_steps = 1
+  config.dataset.num_workers = 0
+  config.optimizer.lr.warmup_epochs = 0.0
+  config.logging.progress_bar = False
+  if model_kwargs:
+    config.model.kwargs.update(model_kwargs)
+  return config
+
+
+def parse_args(arg: str | None) -> set[str]:
+  """Splits a `get_config` argument like 'F3,smoke' into its words."""
+  return {a.strip() for a in (arg or "").split(",") if a.strip()}

@@ -1,0 +1,110 @@
+"""Run logging: a progress bar, JSON-lines metrics, optional TensorBoard.
+
+Only process 0 writes. `metrics.jsonl` in the workdir gets one JSON object
+per line: `{"step": int, "split": "train" | "eval", "time": unix seconds,
+<metric>: float, ...}`. TensorBoard scalars go under
+`workdir/tensorboard/`, written by tensorboardX (no TensorFlow needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorboardX
+import tqdm
+
+_BAR_KEYS = (("loss", "loss"), ("top1", "acc"), ("learning_rate", "lr"),
+             ("images_per_sec", "img/s"))
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+  return {k: (v.item() if isinstance(v, np.generic | np.ndarray) else v)
+          for k, v in metrics.items()}
+
+
+class RunLogger:
+  """Writes metrics on process 0; a no-op elsewhere."""
+
+  def __init__(self, workdir: str, *, enabled: bool, total_steps: int,
+               initial_step: int, progress_bar: bool, tensorboard: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._bar = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if progress_bar:
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
+                            unit="step", dynamic_ncols=True)
+    if tensorboard:
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(workdir, "tensorboard"))
+
+  def advance(self, steps: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    """Records `metrics` of `split` ('train' or 'eval') at `step`."""
+    if not self.enabled:
+      return
+    metrics = _jsonable(metrics)
+    record = {"step": step, "split": split, "time": time.time(), **metrics}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for name, value in metrics.items():
+        if isinstance(value, int | float):
+          self._tb.add_scalar(f"{split}/{name}", value, step)
+      self._tb.flush()
+    if split == "train" and self._bar is not None:
+      self._bar.set_postfix({short: f"{metrics[k]:.4g}"
+                             for k, short in _BAR_KEYS if k in metrics},
+                            refresh=False)
+    elif split != "train":
+      summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                         if isinstance(v, float))
+      self.info(f"[step {step}] {split}: {summary}")
+
+  def info(self, message: str) -> None:
+    """Prints a message on process 0 (above the progress bar)."""
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+  """The records of `workdir/metrics.jsonl` (of one split if given)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if split is None or r["split"] == split]
+
+
+def param_table(params: Any) -> str:
+  """A module / parameter / shape / count table (cf. hk.experimental.tabulate)."""
+  rows, total = [], 0
+  for module in sorted(params):
+    for name, value in sorted(params[module].items()):
+      count = int(np.prod(value.shape))
+      total += count
+      rows.append((module, name, "x".join(map(str, value.shape)) or "scalar",
+                   count))
+  width = max([len(r[0]) for r in rows] + [6])
+  lines = [f"{'module':<{width}}  {'param':<10} {'shape':<16} {'count':>12}"]
+  lines += [f"{m:<{width}}  {n:<10} {s:<16} {c:>12,}" for m, n, s, c in rows]
+  lines.append(f"{'total':<{width}}  {'':<10} {'':<16} {total:>12,}")
+  return "\n".join(lines)

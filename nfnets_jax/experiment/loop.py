@@ -1,0 +1,328 @@
+"""The experiment: validate, build, restore or init, train, evaluate, save.
+
+`run(config)` composes the pieces of this package:
+
+1. `jax.distributed` starts if asked (before anything touches a device);
+2. the whole config is validated (no compute);
+3. network, optimizer, pmapped train/eval steps, checkpointer, logger;
+4. the state is restored from the newest checkpoint in the workdir (params,
+   optimizer state, EMA, step, RNG and data position) or initialized;
+5. the train loop runs to `total_steps`, logging, evaluating and saving on
+   schedule; a non-finite loss stops it (the last good checkpoint stays), and
+   SIGINT / SIGTERM save a checkpoint before stopping;
+6. a final checkpoint and a final evaluation with raw and EMA weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import numpy as np
+import optax
+
+from nfnets_jax import agc
+from nfnets_jax import model_stats
+from nfnets_jax import optim
+from nfnets_jax.experiment import checkpointing
+from nfnets_jax.experiment import config_validation
+from nfnets_jax.experiment import evaluation
+from nfnets_jax.experiment import inputs
+from nfnets_jax.experiment import logging as run_logging
+from nfnets_jax.experiment import parallel
+from nfnets_jax.experiment import train_state as ts
+
+TrainState = ts.TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN/Inf; the run stopped without saving."""
+
+  def __init__(self, step: int, last_checkpoint: int | None, directory: str):
+    self.step = step
+    self.last_checkpoint = last_checkpoint
+    super().__init__(
+        f"non-finite loss or gradient at step {step}: training stopped; the "
+        f"update of step {step} was not applied and no checkpoint was "
+        f"written after it. Last good checkpoint: "
+        f"{'none' if last_checkpoint is None else f'step {last_checkpoint}'}"
+        f" in {directory}.")
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT/SIGTERM stopped the run after saving a checkpoint."""
+
+  def __init__(self, step: int, signum: int):
+    self.step = step
+    super().__init__(f"{signal.Signals(signum).name} at step {step}: "
+                     "checkpoint saved")
+
+
+class Components(NamedTuple):
+  """What the loop is made of (built once per run)."""
+  net: hk.TransformedWithState
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  train_step: Callable[..., Any]
+  eval_step: evaluation.EvalStep
+  mesh: jax.sharding.Mesh
+  checkpointer: checkpointing.Checkpointer
+  logger: run_logging.RunLogger
+
+
+def build(config: Any, spec: config_validation.RunSpec,
+          initial_step: int = 0) -> Components:
+  """Network, optimizer, pmapped steps, checkpointer and logger."""
+  net = ts.make_network(config.model, spec.num_classes)
+  tx, schedule = optim.make_optimizer(
+      config.optimizer, batch_size=config.train.global_batch_size,
+      steps_per_epoch=spec.steps_per_epoch, total_epochs=spec.total_epochs)
+  clip_stats = agc.clip_stats if config.optimizer.track_clip_stats else None
+  return Components(
+      net=net, tx=tx, schedule=schedule,
+      train_step=ts.make_train_step(net, tx, schedule, config.train,
+                                    clip_stats=clip_stats),
+      eval_step=evaluation.make_eval_step(net, config.train.loss),
+      mesh=parallel.local_mesh(),
+      checkpointer=checkpointing.Checkpointer(
+          os.path.join(config.workdir, "checkpoints"),
+          config.checkpoint.max_to_keep),
+      logger=run_logging.RunLogger(
+          config.workdir, enabled=parallel.is_host0(),
+          total_steps=spec.total_steps, initial_step=initial_step,
+          progress_bar=config.logging.progress_bar,
+          tensorboard=config.logging.tensorboard))
+
+
+def initial_state(config: Any, spec: config_validation.RunSpec,
+                  c: Components) -> TrainState:
+  """A fresh host state, from the seed or from a pretrained checkpoint."""
+  params = model_state = None
+  if config.pretrained.path:
+    # Imported here: only the fine-tuning configs need it.
+    from nfnets_jax import pretrained  # pylint: disable=g-import-not-at-top
+    params, model_state = pretrained.load_pretrained(config.pretrained.path)
+    if config.pretrained.reinit_head:
+      head_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+      params = pretrained.replace_head(params, spec.num_classes, head_key)
+    _check_pretrained_shapes(c.net, config, params)
+  return ts.init_train_state(
+      c.net, c.tx, seed=config.seed, image_size=config.train.image_size,
+      use_ema=config.train.ema_decay is not None, params=params,
+      model_state=model_state)
+
+
+def _check_pretrained_shapes(net: hk.TransformedWithState, config: Any,
+                             params: hk.Params) -> None:
+  size = config.train.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  expected, _ = jax.eval_shape(
+      lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True), images)
+  want = jax.tree.map(lambda x: tuple(x.shape), expected)
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+  if want != got:
+    raise ValueError(
+        f"config.pretrained.path={config.pretrained.path!r} does not match "
+        f"config.model ({config.model.name}, {config.model.kwargs.to_dict()})"
+        ": parameter shapes differ (set the model kwargs of the pretrained "
+        "network, and pretrained.reinit_head=True for a new label set)")
+
+
+def restore_or_init(config: Any, spec: config_validation.RunSpec,
+                    c: Components) -> tuple[TrainState, dict | None]:
+  """The newest checkpoint's state and data position, or a fresh state."""
+  fresh = initial_state(config, spec, c)
+  if c.checkpointer.latest_step() is None:
+    return fresh, None
+  state, saved_positions = c.checkpointer.restore(fresh)
+  c.logger.info(f"resumed from step {int(state.step)} "
+                f"({c.checkpointer.directory})")
+  return state, inputs.positions_from_checkpoint(saved_positions,
+                                                 spec.num_shards)
+
+
+def save(c: Components, state: TrainState, position: dict | None) -> None:
+  """Checkpoints the (replicated) state and every host's data position."""
+  host_state = parallel.unreplicate(state)
+  positions = parallel.allgather_json(
+      {str(k): v for k, v in (position or {}).items()})
+  c.checkpointer.save(int(host_state.step), host_state, positions)
+
+
+def run_evaluation(config: Any, spec: config_validation.RunSpec,
+                   c: Components, state: TrainState) -> dict[str, float]:
+  """Top-1/top-5/loss of the raw weights and, with EMA, `ema_*` of the EMA."""
+  def one(params, model_state):
+    batches = inputs.eval_batches(config, spec, jax.process_index(),
+                                  jax.process_count())
+    return evaluation.evaluate(c.eval_step, params, model_state, batches,
+                               c.mesh)
+  metrics = one(state.params, state.model_state)
+  if state.ema_params is not None:
+    ema = one(state.ema_params, state.ema_model_state)
+    metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
+  return metrics
+
+
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag the loop polls (a second SIGINT
+  interrupts at once)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator["_StopRequest"]:
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    for s in (signal.SIGINT, signal.SIGTERM):
+      self._previous[s] = signal.signal(s, self._handle)
+    try:
+      yield self
+    finally:
+      for s, handler in self._previous.items():
+        signal.signal(s, handler)
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
+
+
+def _poisoned(batches: Iterator[tuple[dict, Any]], step: int, nan_step: int
+              ) -> Iterator[tuple[dict, Any]]:
+  """Debug hook: the images of step `nan_step` (1-based) become NaN.
+
+  Bad data is a realistic source of a NaN loss, and poisoning the input
+  leaves the compiled train step unchanged.
+  """
+  for batch, position in batches:
+    step += 1
+    if step == nan_step:
+      batch = {**batch, "images": np.full_like(batch["images"], np.nan)}
+    yield batch, position
+
+
+def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
+               state: TrainState, stream: inputs.TrainStream,
+               position: dict | None) -> TrainState:
+  """Steps from the state's step to `spec.total_steps`.
+
+  Metrics of step t are read back while step t + 1 runs (no stall), except
+  at log, eval and checkpoint steps, where they are read first: a
+  checkpoint is only written after every step before it was found finite.
+  """
+  t = config.train
+  step = int(parallel.unreplicate(state.step))
+  host_batches = iter(stream)
+  if t.debug_nan_at_step is not None:
+    host_batches = _poisoned(host_batches, step, t.debug_nan_at_step)
+  batches = parallel.prefetch_to_device(host_batches, c.mesh, t.prefetch)
+  pending = None  # (step, device metrics) not yet checked.
+  last_time, last_step = time.time(), step
+
+  def check(pending):
+    at, metrics = pending
+    host = _host_metrics(metrics)
+    if not host.pop("finite"):
+      c.checkpointer.wait()
+      raise NonFiniteLossError(at, c.checkpointer.latest_step(),
+                               c.checkpointer.directory)
+    return host
+
+  with _StopRequest().installed() as stop:
+    while step < spec.total_steps:
+      batch, position = next(batches)
+      state, metrics = c.train_step(state, batch)
+      if pending is not None:
+        check(pending)
+      step += 1
+      pending = (step, metrics)
+      c.logger.advance()
+      log_now = step % t.log_every_steps == 0 or step == spec.total_steps
+      ckpt_now = (config.checkpoint.every_steps
+                  and step % config.checkpoint.every_steps == 0)
+      eval_now = (config.eval.every_steps
+                  and step % config.eval.every_steps == 0
+                  and step < spec.total_steps)
+      if not (log_now or ckpt_now or eval_now or stop.signum):
+        continue
+      host = check(pending)
+      pending = None
+      if log_now:
+        now = time.time()
+        host["images_per_sec"] = (t.global_batch_size * (step - last_step)
+                                  / max(now - last_time, 1e-9))
+        host["epoch"] = step / spec.steps_per_epoch
+        c.logger.write(step, "train", host)
+        last_time, last_step = now, step
+      if ckpt_now or stop.signum:
+        save(c, state, position)
+      if stop.signum:
+        c.checkpointer.wait()
+        raise Interrupted(step, stop.signum)
+      if eval_now:
+        c.logger.write(step, "eval", run_evaluation(config, spec, c, state))
+        last_time = time.time()
+    if pending is not None:
+      check(pending)
+  save(c, state, position)
+  return state
+
+
+def run(config: Any) -> dict[str, float]:
+  """Trains and evaluates as `config` says; returns the final eval metrics.
+
+  Raises:
+    config_validation.ConfigError: a bad config (before any compute).
+    NonFiniteLossError: the loss became NaN/Inf.
+    Interrupted: SIGINT/SIGTERM (after saving a checkpoint).
+  """
+  parallel.maybe_initialize_distributed(config.distributed)
+  spec = config_validation.validate(config)
+  c = build(config, spec)
+  try:
+    host_state, position = restore_or_init(config, spec, c)
+    start = int(host_state.step)
+    if parallel.is_host0():
+      _write_run_info(config, spec, host_state, c.logger)
+    c.logger.advance(start)
+    state = parallel.replicate(host_state, c.mesh)
+    del host_state
+    stream = inputs.TrainStream(config, spec, position)
+    state = train_loop(config, spec, c, state, stream, position)
+    metrics = run_evaluation(config, spec, c, state)
+    c.logger.write(spec.total_steps, "eval", metrics)
+    return metrics
+  finally:
+    c.checkpointer.close()
+    c.logger.close()
+
+
+def _write_run_info(config: Any, spec: config_validation.RunSpec,
+                    state: TrainState, logger: run_logging.RunLogger) -> None:
+  os.makedirs(config.workdir, exist_ok=True)
+  with open(os.path.join(config.workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(config.workdir, "run_spec.json"), "w") as f:
+    json.dump({**spec.__dict__, "devices": jax.device_count(),
+               "processes": jax.process_count()}, f, indent=2)
+  logger.info(run_logging.param_table(state.params))
+  logger.info(
+      f"{config.model.name}: {model_stats.count_params(state.params):,} "
+      f"params; {spec.total_steps} steps of {config.train.global_batch_size}"
+      f" images ({spec.steps_per_epoch} steps/epoch) on {jax.device_count()}"
+      f" devices, {jax.process_count()} process(es)")

@@ -1,0 +1,197 @@
+"""Helpers for end-to-end tests: run `nfnets-train` in subprocesses.
+
+Device count is fixed when JAX starts, so each run with a given number of
+(fake CPU) devices or processes is its own Python process. Runs share a
+persistent compilation cache and skip XLA:CPU's expensive LLVM passes: the
+tests run few tiny steps, where compile time dominates.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
+
+# A tiny, deterministic digits run: the default model, 16 px, 16 images a
+# step over 2 data shards (so 1, 2 or 4 devices, 1 or 2 processes all see
+# the same global batches), a checkpoint every 2 steps, metrics every step,
+# an evaluation at step 6 and at the end, AGC statistics and TensorBoard.
+TINY_FLAGS = (
+    "--config.train.num_steps=12",
+    "--config.train.global_batch_size=16",
+    "--config.train.log_every_steps=1",
+    "--config.dataset.num_shards=2",
+    "--config.eval.batch_size=120",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.max_to_keep=10",
+    "--config.train.ema_decay=0.99",
+    "--config.optimizer.lr.base_lr=1.6",  # Peak 0.1: the loss moves.
+    "--config.optimizer.track_clip_stats=True",
+    "--config.eval.every_steps=6",
+    "--config.logging.tensorboard=True",
+    "--config.logging.progress_bar=False",
+)
+
+
+def subprocess_env(devices: int = 1, cache_dir: str | None = None
+                   ) -> dict[str, str]:
+  """Environment for a child JAX process with `devices` CPU devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join([
+      f"--xla_force_host_platform_device_count={devices}",
+      "--xla_backend_optimization_level=0",
+      "--xla_llvm_disable_expensive_passes=true"])
+  env["JAX_PLATFORMS"] = "cpu"
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def train_command(workdir: str, *flags: str,
+                  config: str = DEFAULT_CONFIG + ":smoke") -> list[str]:
+  return [sys.executable, "-m", "nfnets_jax.train", f"--config={config}",
+          f"--workdir={workdir}", *TINY_FLAGS, *flags]
+
+
+def run_train(workdir: str, *flags: str, devices: int = 1,
+              cache_dir: str | None = None, timeout: float = 300,
+              config: str = DEFAULT_CONFIG + ":smoke",
+              extra_env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+  """Runs a tiny training to completion; returns the finished process."""
+  return subprocess.run(
+      train_command(workdir, *flags, config=config), cwd=REPO,
+      env={**subprocess_env(devices, cache_dir), **(extra_env or {})},
+      capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_train(workdir: str, *flags: str, devices: int = 1,
+                cache_dir: str | None = None,
+                config: str = DEFAULT_CONFIG + ":smoke") -> subprocess.Popen:
+  """Starts a tiny training; the caller waits for or signals it."""
+  return subprocess.Popen(
+      train_command(workdir, *flags, config=config), cwd=REPO,
+      env=subprocess_env(devices, cache_dir), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  """Step -> training loss from `metrics.jsonl`."""
+  from nfnets_jax.experiment import logging as run_logging  # pylint: disable=g-import-not-at-top
+  return {r["step"]: r["loss"]
+          for r in run_logging.read_metrics(workdir, "train")}
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps in a workdir (orbax names them by step)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """A checkpoint's state tree (NumPy) without a template."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, restored["state"])
+
+
+def load_config(path: str, arg: str | None = None) -> Any:
+  """Loads `get_config(arg)` from a config file and locks it (as the CLI)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  config.lock()
+  return config
+
+
+def config_paths() -> list[str]:
+  """Every config file in configs/."""
+  directory = os.path.join(REPO, "configs")
+  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def _tiny_pretrained(config: Any, path: str) -> str:
+  """Saves an initialized 1000-class model of `config` as a pretrained file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from nfnets_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import train_state  # pylint: disable=g-import-not-at-top
+  net = train_state.make_network(config.model, 1000)
+  size = config.train.image_size
+  params, _ = train_state.run_once(
+      lambda x: net.init(jax.random.PRNGKey(1), x, is_training=True),
+      np.zeros((1, size, size, 3), np.float32))
+  return pretrained.save_npz(jax.device_get(params), path)
+
+
+def smoke_all(root: str, paths: list[str]) -> dict[str, dict[str, float]]:
+  """Runs every config's `smoke` form end to end, ImageNet etc. mocked.
+
+  `tfds.testing.mock_data` stands in for every TFDS dataset (32 random
+  examples per split); the digits are real. The fine-tuning config gets a
+  freshly initialized tiny model as its "pretrained" checkpoint.
+
+  Returns:
+    config file name -> final eval metrics.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import loop  # pylint: disable=g-import-not-at-top
+  results = {}
+  with tfds.testing.mock_data(num_examples=32,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    for path in paths:
+      name = os.path.splitext(os.path.basename(path))[0]
+      config = load_config(path, "smoke")
+      config.workdir = os.path.join(root, name)
+      if "finetune" in name:
+        config.pretrained.path = _tiny_pretrained(
+            config, os.path.join(root, f"{name}_pretrained.npz"))
+      results[name] = loop.run(config)
+  return results
+
+
+def session_dirs(basetemp: str) -> tuple[str, str]:
+  """`(compilation cache dir, reference run workdir)` under a pytest basetemp.
+
+  Test modules of one session share them: the reference run (the tiny run
+  on 1 device, uninterrupted) is made once, by `reference_run`.
+  """
+  return (os.path.join(basetemp, "jax_cache"),
+          os.path.join(basetemp, "reference_run"))
+
+
+def reference_run(basetemp: str) -> str:
+  """The session's uninterrupted 1-device tiny run (made on first use)."""
+  cache_dir, workdir = session_dirs(basetemp)
+  if 12 not in checkpoint_steps(workdir) or not os.path.exists(
+      os.path.join(workdir, "metrics.jsonl")):
+    proc = run_train(workdir, devices=1, cache_dir=cache_dir)
+    if proc.returncode != 0:
+      raise RuntimeError(f"reference run failed:\n{proc.stderr[-4000:]}")
+  return workdir
+
+
+if __name__ == "__main__":
+  # python -m nfnets_jax.experiment.testing smoke ROOT CONFIG...
+  import json  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) < 4 or sys.argv[1] != "smoke":
+    raise SystemExit(__doc__)
+  print("SMOKE_RESULTS " + json.dumps(smoke_all(sys.argv[2], sys.argv[3:])))
