@@ -23,7 +23,6 @@ from collections.abc import Callable
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import nfnets_jax as nj

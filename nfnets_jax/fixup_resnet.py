@@ -149,17 +149,11 @@ class FixupResNet(hk.Module):
         out + resnet.scalar_param("bias1", jnp.zeros, out.dtype))
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, block_metrics = block(out, is_training=is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs.update({f"{k}_{i}": v for k, v in block_metrics.items()})
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs["pool"] = pool
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       is_training=is_training)
+    outputs.update(metrics)
+    outputs["pool"], pool = layers.pool_features(
+        out, self.drop_rate, is_training)
     pool = pool + resnet.scalar_param("bias2", jnp.zeros, pool.dtype)
     outputs["logits"] = self.fc(pool)
     return outputs

@@ -348,3 +348,42 @@ def signal_metrics(x: jax.Array, i: int) -> dict[str, jax.Array]:
   """Signal propagation metrics of activation `x` after block `i`."""
   return {f"avg_sq_mean_{i}": avg_channel_sq_mean(x),
           f"avg_var_{i}": avg_channel_var(x)}
+
+
+def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
+                 x: jax.Array, return_metrics: bool, **block_kwargs
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs residual blocks in order, collecting signal metrics if asked.
+
+  Args:
+    blocks: modules mapping `(x, **block_kwargs)` to `(x, block_metrics)`.
+    x: the stem's output `[N, H, W, C]`.
+    return_metrics: collect `signal_metrics` of the stem output (index 0)
+      and of each block's output (index i + 1), and each block's own
+      metrics with the suffix `_i`.
+    **block_kwargs: passed to every block (e.g. `is_training`).
+
+  Returns:
+    The last block's output and the metrics (empty unless asked).
+  """
+  metrics = signal_metrics(x, 0) if return_metrics else {}
+  for i, block in enumerate(blocks):
+    x, block_metrics = block(x, **block_kwargs)
+    if return_metrics:
+      metrics.update(signal_metrics(x, i + 1))
+      metrics.update({f"{k}_{i}": v for k, v in block_metrics.items()})
+  return x, metrics
+
+
+def pool_features(features: jax.Array, drop_rate: float, is_training: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Global average pool `[N, H, W, C] -> [N, C]`, then classifier dropout.
+
+  Returns:
+    `(pool, classifier input)`: the pooled features, and the same with
+    dropout at `drop_rate` when training.
+  """
+  pool = jnp.mean(features, axis=(1, 2))
+  if drop_rate > 0.0 and is_training:
+    return pool, hk.dropout(hk.next_rng_key(), drop_rate, pool)
+  return pool, pool

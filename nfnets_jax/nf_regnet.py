@@ -258,17 +258,11 @@ class NFRegNet(hk.Module):
     """Returns logits (no softmax), pool and optional signal metrics."""
     outputs = {}
     out = self.initial_conv(x)
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, block_metrics = block(out, is_training=is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs.update({f"{k}_{i}": v for k, v in block_metrics.items()})
+    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       is_training=is_training)
+    outputs.update(metrics)
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs["pool"] = pool
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    outputs["pool"], pool = layers.pool_features(
+        out, self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs

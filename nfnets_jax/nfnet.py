@@ -5,7 +5,7 @@ Image Recognition Without Normalization (ICML).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
@@ -253,26 +253,11 @@ class NFNet(hk.Module):
     out = x
     for i, conv in enumerate(self.stem):
       out = conv(out) if i == 0 else conv(self.activation(out))
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, block_metrics = block(out, is_training=is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs.update({f"{k}_{i}": v for k, v in block_metrics.items()})
+    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       is_training=is_training)
+    outputs.update(metrics)
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs["pool"] = pool
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    outputs["pool"], pool = layers.pool_features(
+        out, self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs
-
-
-def stage_block_indices(depths: Sequence[int]) -> list[int]:
-  """Global indices of each stage's first (transition) block."""
-  starts, total = [], 0
-  for d in depths:
-    starts.append(total)
-    total += d
-  return starts

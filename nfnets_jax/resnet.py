@@ -290,18 +290,13 @@ class ResNet(hk.Module):
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, block_metrics = block(out, is_training, test_local_stats)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs.update({f"{k}_{i}": v for k, v in block_metrics.items()})
+    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       is_training=is_training,
+                                       test_local_stats=test_local_stats)
+    outputs.update(metrics)
     out = self.activation(
         apply_norm(self.final_bn, out, is_training, test_local_stats))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs["pool"] = pool
-    if self.drop_rate > 0.0 and is_training:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    outputs["pool"], pool = layers.pool_features(
+        out, self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs
