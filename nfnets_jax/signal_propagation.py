@@ -15,26 +15,13 @@ block and is reset by each stage's projection shortcut).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# XLA's CPU backend spends seconds optimizing the threefry/normal kernels of
-# every parameter initializer (a 12-block net: ~25 s to compile `init`); at
-# optimization level 0 it takes ~4x less, and init runs once.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def fast_init(init_fn: Callable[..., Any], *args: Any) -> Any:
-  """Runs a Haiku `init` under `jax.jit`, compiled without LLVM optimization.
-
-  `args` are traced: close over Python flags such as `is_training`.
-  """
-  return jax.jit(init_fn).lower(*args).compile(FAST_COMPILE)(*args)
-
+from nfnets_jax import fast_compile
 
 def set_skip_gains(params: hk.Params, value: float) -> hk.Params:
   """Sets every `skip_gain` scalar (zero at init) to `value`."""
@@ -92,8 +79,8 @@ def measure_at_init(model_fn: Callable[[jax.Array], Mapping[str, jax.Array]],
   distinct (op, shape) compiles once, the initializers' random kernels
   slowest, so a deep network that repeats a few block shapes costs about as
   much as a shallow one; one jitted program instead grows with depth
-  (compiled here without LLVM optimization, `FAST_COMPILE`). Use `jit` for
-  shallow networks, op by op for deep ones.
+  (compiled here without LLVM optimization, `fast_compile`). Use `jit`
+  for shallow networks, op by op for deep ones.
 
   Args:
     model_fn: maps NHWC images to a model's outputs with
@@ -105,7 +92,7 @@ def measure_at_init(model_fn: Callable[[jax.Array], Mapping[str, jax.Array]],
     seed: PRNG seed of the initialisation (`seed + 1` for the apply).
     skip_gain: if given, every `skip_gain` scalar (SkipInit-style, zero at
       init) is set to it; 1 gives the NF analysis' `h + alpha f(h / beta)`.
-    jit: compile init and apply as one program each (at `FAST_COMPILE`).
+    jit: compile init and apply as one program each (`fast_compile`).
 
   Returns:
     `block_arrays` of the outputs.
@@ -113,15 +100,14 @@ def measure_at_init(model_fn: Callable[[jax.Array], Mapping[str, jax.Array]],
   f = hk.transform_with_state(model_fn)
   init_args = (jax.random.key(seed), images[:1])
   if jit:
-    params, state = fast_init(f.init, *init_args)
+    params, state = fast_compile.run_once(f.init, *init_args)
   else:
     params, state = f.init(*init_args)
   if skip_gain is not None:
     params = set_skip_gains(params, skip_gain)
   apply_args = (params, state, jax.random.key(seed + 1), images)
   if jit:
-    outputs, _ = (jax.jit(f.apply).lower(*apply_args)
-                  .compile(FAST_COMPILE)(*apply_args))
+    outputs, _ = fast_compile.run_once(f.apply, *apply_args)
   else:
     outputs, _ = f.apply(*apply_args)
   return block_arrays(outputs, num_blocks)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nfnets_jax import fast_compile
 from nfnets_jax import fixup_resnet
 from nfnets_jax import model_stats
 from nfnets_jax import models
@@ -53,7 +54,7 @@ def forward(request):
   f = hk.transform_with_state(
       lambda x, t, m=False: ctor(NUM_CLASSES, **kwargs)(x, t, m))
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  params, state = signal_utils.fast_init(
+  params, state = fast_compile.run_once(
       lambda rng, x: f.init(rng, x, True), jax.random.key(1), x)
   # Non-zero skip gains and scalar biases so every branch contributes.
   params = jax.tree.map(lambda p: p + 0.1 if p.ndim == 0 else p, params)
@@ -64,10 +65,10 @@ def forward(request):
     low = f.apply(params, state, None, x.astype(jnp.bfloat16), False)
     return train, ref, low
 
-  # jax.jit, compiled at XLA optimization level 0: 3-4x faster to compile
+  # One program compiled without LLVM optimization: 3-4x faster to compile
   # on CPU (the train-mode RNG kernels), same program.
   args = (params, state, jax.random.key(2), x)
-  outs = jax.jit(run).lower(*args).compile(signal_utils.FAST_COMPILE)(*args)
+  outs = fast_compile.run_once(run, *args)
   return dict(name=request.param, params=params, state=state, outs=outs,
               num_blocks=num_blocks, has_state=has_state)
 
@@ -288,12 +289,11 @@ def _measure(ctor, kwargs, depths, alphas, batch=16):
   fns = [hk.transform(lambda x, a=a: ctor(10, alpha=a, **kwargs)(
       x, False, True)) for a in alphas]
   x = jax.random.normal(jax.random.key(3), (batch, 32, 32, 3))
-  params = signal_utils.fast_init(fns[0].init, jax.random.key(0), x[:1])
+  params = fast_compile.run_once(fns[0].init, jax.random.key(0), x[:1])
   params = signal_utils.set_skip_gains(params, 1.0)
-  apply = jax.jit(lambda p, x: [f.apply(p, None, x) for f in fns])
-  apply = apply.lower(params, x).compile(signal_utils.FAST_COMPILE)
-  return [signal_utils.block_arrays(o, sum(depths))
-          for o in apply(params, x)]
+  outs = fast_compile.run_once(
+      lambda p, x: [f.apply(p, None, x) for f in fns], params, x)
+  return [signal_utils.block_arrays(o, sum(depths)) for o in outs]
 
 
 def test_nf_resnet_signal_propagation():

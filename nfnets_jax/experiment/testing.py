@@ -132,11 +132,12 @@ def config_paths() -> list[str]:
 def _tiny_pretrained(config: Any, path: str) -> str:
   """Saves an initialized 1000-class model of `config` as a pretrained file."""
   import jax  # pylint: disable=g-import-not-at-top
+  from nfnets_jax import fast_compile  # pylint: disable=g-import-not-at-top
   from nfnets_jax import pretrained  # pylint: disable=g-import-not-at-top
   from nfnets_jax.experiment import train_state  # pylint: disable=g-import-not-at-top
   net = train_state.make_network(config.model, 1000)
   size = config.train.image_size
-  params, _ = train_state.run_once(
+  params, _ = fast_compile.run_once(
       lambda x: net.init(jax.random.PRNGKey(1), x, is_training=True),
       np.zeros((1, size, size, 3), np.float32))
   return pretrained.save_npz(jax.device_get(params), path)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from nfnets_jax import models
+from nfnets_jax.fast_compile import run_once
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
 
@@ -97,19 +98,6 @@ def init_train_state(net: hk.TransformedWithState,
       ema_model_state=model_state if use_ema else None,
       step=jnp.zeros((), jnp.int32), rng=train_key)
   return jax.tree.map(np.asarray, jax.device_get(state))
-
-
-# XLA:CPU spends most of a one-off function's compile time in LLVM passes
-# that only speed up repeated runs (seen: 12.6 s -> 3.5 s for an NFNet init).
-_ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 0,
-                        "xla_llvm_disable_expensive_passes": True}
-
-
-def run_once(fn: Callable[..., Any], *args: Any) -> Any:
-  """Compiles and runs a function called once (init), compiling fast on CPU."""
-  lowered = jax.jit(fn).lower(*args)
-  options = _ONE_OFF_CPU_OPTIONS if jax.default_backend() == "cpu" else {}
-  return lowered.compile(compiler_options=options)(*args)
 
 
 def ema_decay_at(decay: float, step: jax.Array, warmup: bool) -> jax.Array:
