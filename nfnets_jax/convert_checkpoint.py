@@ -16,7 +16,14 @@ import numpy as np
 
 from nfnets_jax import pretrained
 
-def _load_timm_file(path: str) -> Mapping[str, Any]:
+
+def load_timm_file(path: str) -> Mapping[str, Any]:
+  """A timm state dict from `.safetensors`, or a `.pth`/`.bin` torch file.
+
+  Torch files are read with `weights_only=True` (no code runs); a checkpoint
+  dict wrapping the weights under `state_dict`, `model` or `state_dict_ema`
+  is unwrapped.
+  """
   if path.endswith(".safetensors"):
     # pylint: disable-next=g-import-not-at-top
     from safetensors.numpy import load_file
@@ -69,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
   """Carries out one `main` command."""
   if args.command == "convert-timm":
-    params, _ = pretrained.from_timm_state_dict(_load_timm_file(args.input))
+    params, _ = pretrained.from_timm_state_dict(load_timm_file(args.input))
   else:
     params, _ = pretrained.load_pretrained(args.input)
   count = sum(int(np.size(v)) for leaves in params.values()
