@@ -325,4 +325,4 @@ def _write_run_info(config: Any, spec: config_validation.RunSpec,
       f"{config.model.name}: {model_stats.count_params(state.params):,} "
       f"params; {spec.total_steps} steps of {config.train.global_batch_size}"
       f" images ({spec.steps_per_epoch} steps/epoch) on {jax.device_count()}"
-      f" devices, {jax.process_count()} process(es)")
+      f" device(s), {jax.process_count()} process(es)")
