@@ -17,9 +17,15 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 0,
 
 
 def compile_fast(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
-  """`jax.jit(fn)` compiled for `args` (traced), without LLVM optimization on CPU."""
+  """`fn` compiled for `args`, without LLVM optimization on CPU.
+
+  Args:
+    fn: a `jax.jit` or `jax.pmap` function, or a plain one (then jitted).
+    *args: example arguments (traced).
+  """
   options = CPU_OPTIONS if jax.default_backend() == "cpu" else {}
-  return jax.jit(fn).lower(*args).compile(compiler_options=options)
+  lowerable = fn if hasattr(fn, "lower") else jax.jit(fn)
+  return lowerable.lower(*args).compile(compiler_options=options)
 
 
 def run_once(fn: Callable[..., Any], *args: Any) -> Any:

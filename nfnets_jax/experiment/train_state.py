@@ -178,7 +178,7 @@ def make_train_step(
     metrics = {"loss": loss, **{k: jnp.mean(v) for k, v in correct.items()}}
     metrics = lax.pmean(metrics, parallel.AXIS)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if clip_stats is not None:
       metrics.update(clip_stats(opt_state))
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
