@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import itertools
 import math
-import os
 import pathlib
 import sys
 import time
@@ -265,11 +264,6 @@ def plot(cell_rows: Sequence[Mapping[str, Any]],
   plt.close(fig)
 
 
-def _devices() -> str:
-  return (f"{jax.device_count()} {jax.default_backend().upper()} device(s), "
-          f"{os.cpu_count()} cores")
-
-
 CSV_COLUMNS = [common.Column(k, k) for k in (
     "model", "batch_size", "lr_scale", "peak_lr", "clipping", "seed",
     "test_top1", "test_loss", "train_loss", "diverged_step", "steps",
@@ -330,7 +324,7 @@ path (one 7×7 conv and 1×1 projections). That is a short-run artefact of
 the zero init, not what the paper tests (90 ImageNet epochs are thousands
 of steps), so the branches here start at α.
 
-Runtime: {elapsed / 60:.1f} min on {_devices()} ({compile_seconds:.0f} s
+Runtime: {elapsed / 60:.1f} min on {ss.devices_description()} ({compile_seconds:.0f} s
 of it compiling); jax {jax.__version__}."""
   common.write_markdown(
       args.out / "agc_batch_size.md",

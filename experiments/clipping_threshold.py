@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import itertools
 import math
-import os
 import pathlib
 import sys
 import time
@@ -277,11 +276,6 @@ def plot(table_rows: Sequence[Mapping[str, Any]],
   plt.close(fig)
 
 
-def _devices() -> str:
-  return (f"{jax.device_count()} {jax.default_backend().upper()} device(s), "
-          f"{os.cpu_count()} cores")
-
-
 CSV_COLUMNS = [common.Column(k, k) for k in (
     "batch_size", "peak_lr", "clipping", "seed", "test_top1", "test_loss",
     "train_loss", "diverged_step", "steps", "seconds")]
@@ -332,7 +326,7 @@ serves every λ of a batch size; the chain equals `make_optimizer` with
 **Findings** (computed from the table):
 {chr(10).join(facts)}
 
-Runtime: {elapsed / 60:.1f} min on {_devices()} ({compile_seconds:.0f} s
+Runtime: {elapsed / 60:.1f} min on {ss.devices_description()} ({compile_seconds:.0f} s
 of it compiling); jax {jax.__version__}."""
   common.write_markdown(
       args.out / "clipping_threshold.md",

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -400,3 +401,9 @@ def fmt_acc_cell(s: Mapping[str, Any]) -> str:
   if s["n"] > 1:
     cell += f" [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
   return cell
+
+
+def devices_description() -> str:
+  """What the runs ran on, for the results' runtime line."""
+  return (f"{jax.device_count()} {jax.default_backend().upper()} device(s), "
+          f"{os.cpu_count()} cores")
