@@ -213,9 +213,9 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   for base in _TFDS_BASE_SPLITS:
     try:
       sizes[base] = len(_open_tfds(dataset, base, data_dir))
-    # TFDS reports missing data as ValueError, NotImplementedError (a
-    # RuntimeError: wrong file format), OSError, or KeyError (metadata known,
-    # no split files) depending on what is there.
+    # TFDS reports missing data as ValueError, RuntimeError (its
+    # not-implemented error for a wrong file format), OSError, or KeyError
+    # (metadata known, no split files) depending on what is there.
     except (ValueError, RuntimeError, OSError, AssertionError, KeyError) as e:
       if base == 'train':
         raise _not_prepared_error(dataset, data_dir,
