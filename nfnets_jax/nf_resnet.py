@@ -145,23 +145,19 @@ class NFResNet(hk.Module):
                              name="initial_conv")
     self.blocks = []
     expected_std = 1.0
-    num_blocks, index = sum(self.depths), 0
-    for out_ch, stage_depth, stride in zip(
-        resnet.stage_widths(width, len(self.depths)), self.depths,
-        resnet.STAGE_STRIDES):
-      for block_index in range(stage_depth):
-        self.blocks.append(NFResBlock(
-            ch, out_ch, stride=stride if block_index == 0 else 1,
-            beta=1.0 / expected_std, alpha=alpha, activation=self.activation,
-            conv=conv, skipinit_gain=skipinit_gain,
-            stochdepth_rate=stochdepth_rate * index / num_blocks,
-            se_ratio=se_ratio))
-        ch, index = out_ch, index + 1
-        # A projection block's output has the shortcut conv's unit
-        # variance; each block then adds alpha^2.
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = (expected_std**2 + alpha**2) ** 0.5
+    num_blocks = sum(self.depths)
+    for b in resnet.block_layout(ch, width, self.depths):
+      self.blocks.append(NFResBlock(
+          b.in_ch, b.out_ch, stride=b.stride, beta=1.0 / expected_std,
+          alpha=alpha, activation=self.activation, conv=conv,
+          skipinit_gain=skipinit_gain,
+          stochdepth_rate=stochdepth_rate * b.index / num_blocks,
+          se_ratio=se_ratio))
+      # A projection block's output has the shortcut conv's unit variance;
+      # each block then adds alpha^2.
+      if b.first_in_stage:
+        expected_std = 1.0
+      expected_std = (expected_std**2 + alpha**2) ** 0.5
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or hk.initializers.RandomNormal(0.01))
 

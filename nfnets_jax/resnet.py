@@ -15,7 +15,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import haiku as hk
 import jax
@@ -83,6 +83,36 @@ def get_depths(depth: Depth) -> tuple[int, ...]:
 def stage_widths(width: float, num_stages: int) -> list[int]:
   """Output channels of each stage for a width multiplier."""
   return [int(w * width) for w in STAGE_WIDTHS[:num_stages]]
+
+
+class BlockLayout(NamedTuple):
+  """Where one residual block of a ResNet-layout network sits.
+
+  Attributes:
+    in_ch, out_ch: input and output channels.
+    stride: 2 for the first block of stages 2-4, else 1.
+    first_in_stage: a transition block (projection shortcut).
+    index: the block's position over the whole network (0-based); the
+      stochastic depth rate of block i is `rate * i / num_blocks`.
+  """
+  in_ch: int
+  out_ch: int
+  stride: int
+  first_in_stage: bool
+  index: int
+
+
+def block_layout(stem_ch: int, width: float, depths: Sequence[int]
+                 ) -> list[BlockLayout]:
+  """Every block of a ResNet with stage widths `64..512 x width`."""
+  blocks, ch = [], stem_ch
+  for out_ch, stage_depth, stride in zip(
+      stage_widths(width, len(depths)), depths, STAGE_STRIDES):
+    for i in range(stage_depth):
+      blocks.append(BlockLayout(ch, out_ch, stride if i == 0 else 1, i == 0,
+                                len(blocks)))
+      ch = out_ch
+  return blocks
 
 
 class Conv2D(hk.Conv2D):
@@ -261,15 +291,12 @@ class ResNet(hk.Module):
     self.initial_conv = Conv2D(int(16 * width), kernel_shape=7, stride=2,
                                padding="SAME", with_bias=False,
                                name="initial_conv", **(conv_kwargs or {}))
-    self.blocks = []
-    for out_ch, stage_depth, stride in zip(
-        stage_widths(width, len(self.depths)), self.depths, STAGE_STRIDES):
-      for block_index in range(stage_depth):
-        self.blocks.append(ResBlockV2(
-            out_ch, stride=stride if block_index == 0 else 1,
-            use_projection=block_index == 0, activation=self.activation,
-            normalization=normalization, norm_kwargs=norm_kwargs,
-            conv_kwargs=conv_kwargs, se_ratio=se_ratio))
+    self.blocks = [
+        ResBlockV2(b.out_ch, stride=b.stride, use_projection=b.first_in_stage,
+                   activation=self.activation, normalization=normalization,
+                   norm_kwargs=norm_kwargs, conv_kwargs=conv_kwargs,
+                   se_ratio=se_ratio)
+        for b in block_layout(int(16 * width), width, self.depths)]
     self.final_bn = make_norm(normalization, norm_kwargs, "final_bn")
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or jnp.zeros)

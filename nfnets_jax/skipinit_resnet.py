@@ -109,17 +109,12 @@ class SkipInitResNet(hk.Module):
     self.initial_conv = resnet.Conv2D(ch, kernel_shape=7, stride=2,
                                       padding="SAME", with_bias=False,
                                       name="initial_conv")
-    self.blocks = []
-    num_blocks, index = sum(self.depths), 0
-    for out_ch, stage_depth, stride in zip(
-        resnet.stage_widths(width, len(self.depths)), self.depths,
-        resnet.STAGE_STRIDES):
-      for block_index in range(stage_depth):
-        self.blocks.append(NFResBlock(
-            ch, out_ch, stride=stride if block_index == 0 else 1,
-            activation=self.activation,
-            stochdepth_rate=stochdepth_rate * index / num_blocks))
-        ch, index = out_ch, index + 1
+    num_blocks = sum(self.depths)
+    self.blocks = [
+        NFResBlock(b.in_ch, b.out_ch, stride=b.stride,
+                   activation=self.activation,
+                   stochdepth_rate=stochdepth_rate * b.index / num_blocks)
+        for b in resnet.block_layout(ch, width, self.depths)]
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or jnp.zeros)
 
