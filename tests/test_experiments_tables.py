@@ -25,7 +25,7 @@ import experiment_outputs  # noqa: E402
 
 def test_model_table_quick(tmp_path):
   rows = model_table.main(["--quick", "--out", str(tmp_path)])
-  experiment_outputs.check_header(tmp_path / "model_table.md", model_table.MODULE)
+  experiment_outputs.check_outputs(tmp_path, model_table.MODULE)
   by_name = {r["model"]: r for r in rows}
   assert set(by_name) == {"NFNet-F0", "NF-ResNet-50", "NF-RegNet-B0"}
   f0 = by_name["NFNet-F0"]
@@ -57,7 +57,7 @@ def test_model_table_specs_cover_every_variant():
 
 def test_gammas_quick(tmp_path):
   rows = gammas.main(["--quick", "--out", str(tmp_path)])
-  experiment_outputs.check_header(tmp_path / "gammas.md", gammas.MODULE)
+  experiment_outputs.check_outputs(tmp_path, gammas.MODULE)
   assert [r["nonlinearity"] for r in rows] == list(layers.NONLINEARITY_GAMMAS)
   for r in rows:
     # Sampling (2 x 1M samples) and the shipped constants agree to 2e-3,
@@ -74,9 +74,8 @@ def test_gammas_quick(tmp_path):
 
 def test_signal_propagation_quick(tmp_path):
   out = signal_propagation.main(["--quick", "--out", str(tmp_path)])
-  for ext in ("png", "csv", "md"):
-    assert (tmp_path / f"signal_propagation.{ext}").stat().st_size > 0
-  experiment_outputs.check_header(tmp_path / "signal_propagation.md", signal_propagation.MODULE)
+  experiment_outputs.check_outputs(tmp_path, signal_propagation.MODULE,
+                                   ("png", "csv", "md"))
   cfg, results, facts = out["config"], out["results"], out["facts"]
   depths, n = cfg.depths, sum(cfg.depths)
   assert len(depths) >= 2 and min(depths) >= 4

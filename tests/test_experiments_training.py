@@ -58,9 +58,8 @@ def _check_run(r, batch_size, epochs):
 
 def test_agc_batch_size_quick(tmp_path):
   out = agc_batch_size.main(["--quick", "--out", str(tmp_path)])
-  for ext in ("png", "csv", "md"):
-    assert (tmp_path / f"agc_batch_size.{ext}").stat().st_size > 0
-  experiment_outputs.check_header(tmp_path / "agc_batch_size.md", agc_batch_size.MODULE)
+  experiment_outputs.check_outputs(tmp_path, agc_batch_size.MODULE,
+                                   ("png", "csv", "md"))
   grid, runs = out["grid"], out["runs"]
   models = [v.name for v in grid.variants()]
   assert len(models) == 3 and sum("AGC" in m for m in models) == 1
@@ -107,9 +106,8 @@ def test_agc_batch_size_quick(tmp_path):
 
 def test_clipping_threshold_quick(tmp_path):
   out = clipping_threshold.main(["--quick", "--out", str(tmp_path)])
-  for ext in ("png", "csv", "md"):
-    assert (tmp_path / f"clipping_threshold.{ext}").stat().st_size > 0
-  experiment_outputs.check_header(tmp_path / "clipping_threshold.md", clipping_threshold.MODULE)
+  experiment_outputs.check_outputs(tmp_path, clipping_threshold.MODULE,
+                                   ("png", "csv", "md"))
   grid, runs = out["grid"], out["runs"]
   assert ss.NO_CLIPPING in grid.clippings and len(grid.lambdas) >= 2
   keys = [(r["batch_size"], r["clipping"], r["seed"]) for r in runs]
