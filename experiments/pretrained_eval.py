@@ -73,10 +73,10 @@ from nfnets_jax import convert_checkpoint  # noqa: E402
 from nfnets_jax import data  # noqa: E402
 from nfnets_jax import nfnet  # noqa: E402
 from nfnets_jax import pretrained  # noqa: E402
+from nfnets_jax.experiment import checkpointing  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
-from nfnets_jax.experiment import testing  # noqa: E402
 from nfnets_jax.experiment import train_state  # noqa: E402
 
 MODULE = "experiments.pretrained_eval"
@@ -311,7 +311,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
   """Loads the raw and/or EMA params of an `nfnets-train` workdir.
 
   The model and the evaluation geometry come from the run's config.json,
-  the params from its orbax checkpoint (`testing.load_checkpoint`).
+  the params from its orbax checkpoint (`checkpointing.read_state`).
 
   Args:
     workdir: the run's --workdir.
@@ -328,7 +328,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
     raise ValueError(f"--params={','.join(which)!r}: allowed 'raw', 'ema' "
                      "or 'raw,ema'")
   config = read_run_config(workdir)
-  steps = testing.checkpoint_steps(workdir)
+  steps = checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
   if not steps:
     raise FileNotFoundError(f"--checkpoint={workdir!r} has no checkpoints/"
                             "<step> directory: nothing to evaluate")
@@ -336,7 +336,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
   if step not in steps:
     raise ValueError(f"--step={step} is not a checkpoint of {workdir!r}; "
                      f"available: {steps}")
-  state = testing.load_checkpoint(workdir, step)
+  state = checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
   if num_classes is None:
     num_classes = data.dataset_info(config.dataset.name,
                                     config.dataset.data_dir).num_classes

@@ -15,7 +15,7 @@ import pytest
 
 from nfnets_jax import nf_regnet
 from nfnets_jax import nfnet
-from nfnets_jax.experiment import testing
+import train_harness as testing
 
 CONFIGS = testing.config_paths()
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in CONFIGS]
@@ -125,8 +125,8 @@ def test_every_config_runs_one_step(tmp_path_factory):
   cache_dir, _ = testing.session_dirs(str(tmp_path_factory.getbasetemp()))
   root = str(tmp_path_factory.mktemp("smoke"))
   proc = subprocess.run(
-      [sys.executable, "-m", "nfnets_jax.experiment.testing", "smoke", root,
-       *CONFIGS], cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
+      [sys.executable, os.path.join(testing.REPO, "tests", "train_harness.py"),
+       "smoke", root, *CONFIGS], cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("SMOKE_")][0]

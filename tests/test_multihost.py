@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from nfnets_jax.experiment import testing
+import train_harness as testing
 
 
 @pytest.fixture(scope="module")

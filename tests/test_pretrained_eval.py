@@ -29,7 +29,7 @@ from nfnets_jax import fast_compile  # noqa: E402
 from nfnets_jax import nfnet  # noqa: E402
 from nfnets_jax import pretrained  # noqa: E402
 from nfnets_jax.experiment import checkpointing  # noqa: E402
-from nfnets_jax.experiment import testing  # noqa: E402
+import train_harness as testing  # noqa: E402
 from nfnets_jax.experiment import train_state  # noqa: E402
 import test_pretrained  # noqa: E402  (the official-pickle writer)
 

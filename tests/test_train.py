@@ -1,7 +1,7 @@
 """End-to-end tests of the training loop (`nfnets-train`) on CPU.
 
 Every run is a subprocess (the device count is fixed when JAX starts) of the
-tiny digits run of `nfnets_jax.experiment.testing`: 12 steps of 16 images,
+tiny digits run of `tests/train_harness.py`: 12 steps of 16 images,
 a checkpoint every 2 steps. One 1-device run is the reference; the others
 must reproduce its per-step losses (other device counts) or its final state
 bit for bit (resumed after SIGKILL and after Ctrl-C).
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets_jax.experiment import testing
+import train_harness as testing
 
 
 def _check_ok(proc):

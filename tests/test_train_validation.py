@@ -12,7 +12,7 @@ import pytest
 
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import loop
-from nfnets_jax.experiment import testing
+import train_harness as testing
 
 ConfigError = config_validation.ConfigError
 

@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from nfnets_jax.experiment.train_state import TrainState
@@ -79,3 +81,33 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Finished checkpoint steps under `directory` (orbax names them by step)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def read_state(directory: str, step: int | None = None) -> dict[str, Any]:
+  """A checkpoint's train state as a tree of NumPy arrays, without a template.
+
+  Args:
+    directory: a run's `checkpoints/` directory.
+    step: the step to read (default the newest).
+
+  Returns:
+    The saved `TrainState` fields as a dict (`params`, `model_state`,
+    `opt_state`, `ema_params`, ...), leaves as NumPy arrays.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  return jax.tree.map(np.asarray, restored["state"])

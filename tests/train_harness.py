@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: run `nfnets-train` in subprocesses.
+"""Test harness for end-to-end tests: run `nfnets-train` in subprocesses.
 
 Device count is fixed when JAX starts, so each run with a given number of
 (fake CPU) devices or processes is its own Python process. Runs share a
@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 
 # A tiny, deterministic digits run: the default model, 16 px, 16 images a
@@ -91,23 +90,15 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps in a workdir (orbax names them by step)."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  """Finished checkpoint steps in a workdir."""
+  from nfnets_jax.experiment import checkpointing  # pylint: disable=g-import-not-at-top
+  return checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
   """A checkpoint's state tree (NumPy) without a template."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  manager.close()
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(np.asarray, restored["state"])
+  from nfnets_jax.experiment import checkpointing  # pylint: disable=g-import-not-at-top
+  return checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
 
 
 def load_config(path: str, arg: str | None = None) -> Any:
@@ -191,7 +182,7 @@ def reference_run(basetemp: str) -> str:
 
 
 if __name__ == "__main__":
-  # python -m nfnets_jax.experiment.testing smoke ROOT CONFIG...
+  # python tests/train_harness.py smoke ROOT CONFIG...
   import json  # pylint: disable=g-import-not-at-top
   if len(sys.argv) < 4 or sys.argv[1] != "smoke":
     raise SystemExit(__doc__)
