@@ -8,8 +8,9 @@ r"""Trains and evaluates an NFNet experiment described by a config file.
 `--config.<field>=<value>` overrides any field (the config is locked, so a
 misspelt field fails); `:smoke` after a config path selects its one-step,
 tiny-model variant. Running again with the same workdir resumes from its
-newest checkpoint. Exit status: 0 done, 2 invalid config, 3 non-finite loss,
-130 interrupted (a checkpoint was saved).
+newest checkpoint. Exit status: 0 done, 2 invalid config or an image that
+cannot be decoded (a checkpoint was saved), 3 non-finite loss, 130
+interrupted (a checkpoint was saved).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from nfnets_jax.experiment import config_validation
-from nfnets_jax.experiment import loop
+from nfnets_jax import cli
+from nfnets_jax import train_cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py), optionally "
@@ -30,13 +31,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
     "events and the resolved config; an existing run there is resumed.")
+flags.DEFINE_bool(
+    "verbose", False, "Show the Python traceback of an error (or set "
+    f"{cli.VERBOSE_ENV}=1).")
 
+PROG = train_cli.PROG
 EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _main(argv: list[str]) -> int:
+  # Imported here: --help and flag errors answer without TFDS, orbax, grain.
+  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import config_validation
+  from nfnets_jax.experiment import loop
+  # pylint: enable=g-import-not-at-top
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}: {PROG} takes "
+                         "only flags (see --help)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
   config = _CONFIG.value
@@ -49,16 +60,34 @@ def _main(argv: list[str]) -> int:
   except loop.NonFiniteLossError as err:
     print(f"nfnets-train: {err}", file=sys.stderr)
     return EXIT_NON_FINITE
+  except loop.BadImageError as err:  # Bad input; a checkpoint was saved.
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  except (loop.checkpointing.NoIntactCheckpointError,
+          loop.checkpointing.CheckpointMismatchError) as err:
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
   except loop.Interrupted as err:
     print(f"nfnets-train: {err}", file=sys.stderr)
     return EXIT_INTERRUPTED
   return 0
 
 
+def _run(argv: list[str]) -> int:
+  """`--help`, or the checked flags and then `_main` under absl."""
+  if train_cli.wants_help(argv[1:]):
+    print(train_cli.help_text(argv[1:]))
+    return 0
+  app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
+  remaining = train_cli.parse_flags(argv)
+  # absl's set-up (logging handler, faulthandler), then sys.exit(_main()).
+  app.run(_main, argv=argv, flags_parser=lambda _: remaining)
+  return 0
+
+
 def main() -> None:
   """Console entry point `nfnets-train`."""
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
+  sys.exit(cli.guard(PROG, lambda: _run(sys.argv)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS (`tfds.data_source`) or embedded digits, fed by grain.
+"""Input pipeline: TFDS (`tfds.data_source`), embedded digits or an image
+folder, fed by grain.
 
     from nfnets_jax import data
     info = data.dataset_info('digits')
@@ -8,6 +9,8 @@
     state = it.get_state()   # into the checkpoint; it.set_state(state) resumes
 """
 
+from nfnets_jax.data.image_folder import IMAGE_FOLDER
+from nfnets_jax.data.image_folder import ImageDecodeError
 from nfnets_jax.data.pipeline import Augment
 from nfnets_jax.data.pipeline import load
 from nfnets_jax.data.pipeline import parse_augment
@@ -20,6 +23,7 @@ from nfnets_jax.data.sources import Split
 from nfnets_jax.data.sources import SplitRange
 
 __all__ = (
-    'Augment', 'DIGITS', 'DatasetInfo', 'MEAN_RGB', 'STDDEV_RGB', 'Split',
-    'SplitRange', 'dataset_info', 'load', 'parse_augment',
+    'Augment', 'DIGITS', 'DatasetInfo', 'IMAGE_FOLDER', 'ImageDecodeError',
+    'MEAN_RGB', 'STDDEV_RGB', 'Split', 'SplitRange', 'dataset_info', 'load',
+    'parse_augment',
 )

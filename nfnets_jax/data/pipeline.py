@@ -47,6 +47,7 @@ class Augment:
   randaugment_magnitude: float = 0.0
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
+  randaugment_mode: str = 'official'
 
   @property
   def mixing(self) -> bool:
@@ -59,15 +60,16 @@ def parse_augment(config: ml_collections.ConfigDict | None) -> Augment:
   Args:
     config: fields `random_crop: bool`, `flip: bool`, `mixup_alpha: float`
       (0 = off), `cutmix_alpha: float` (0 = off), and RandAugment either as
-      `randaugment: {num_layers: int, magnitude: float} | None` or as the
-      flat `randaugment_layers: int`, `randaugment_magnitude: float`
-      (0 layers = off).
+      `randaugment: {num_layers: int, magnitude: float, mode: str} | None`
+      or as the flat `randaugment_layers: int`, `randaugment_magnitude:
+      float`, `randaugment_mode: str` (0 layers = off; the mode is one of
+      `randaugment.MODES`, default 'official').
 
   Returns:
     The parsed `Augment`.
 
   Raises:
-    ValueError: for missing fields or negative values.
+    ValueError: for missing fields, negative values or an unknown mode.
   """
   if config is None:
     return Augment()
@@ -77,17 +79,23 @@ def parse_augment(config: ml_collections.ConfigDict | None) -> Augment:
   missing = [f for f in fields if f not in config]
   if missing:
     raise ValueError(f'augment config lacks {missing}; it needs {fields}.')
+  mode_field, mode = 'randaugment_mode', 'official'
   if 'randaugment' not in config:
     layers, magnitude = (config.randaugment_layers,
                          config.randaugment_magnitude)
+    mode = config.get('randaugment_mode', mode)
   elif config.randaugment is None:
     layers, magnitude = 0, 0.0
   else:
     layers, magnitude = (config.randaugment.num_layers,
                          config.randaugment.magnitude)
+    mode_field, mode = 'randaugment.mode', config.randaugment.get('mode', mode)
+  if mode not in randaugment.MODES:
+    raise ValueError(f'augment.{mode_field}={mode!r} is invalid; allowed: '
+                     + ' or '.join(map(repr, randaugment.MODES)) + '.')
   augment = Augment(bool(config.random_crop), bool(config.flip), int(layers),
                     float(magnitude), float(config.mixup_alpha),
-                    float(config.cutmix_alpha))
+                    float(config.cutmix_alpha), mode)
   if min(augment.randaugment_layers, augment.randaugment_magnitude,
          augment.mixup_alpha, augment.cutmix_alpha) < 0:
     raise ValueError(f'augment values must be >= 0, got {augment}.')
@@ -192,7 +200,8 @@ class TrainBatch:
           randaugment.randaugment(
               np.clip(image, 0.0, 255.0).astype(np.uint8),
               self.augment.randaugment_layers,
-              self.augment.randaugment_magnitude, rng)
+              self.augment.randaugment_magnitude, rng,
+              self.augment.randaugment_mode)
           for image in images])
     return {'images': preprocessing.normalize(images), 'labels': labels,
             'soft_labels': soft_labels,
@@ -270,7 +279,8 @@ def load(split: sources.Split, *, dataset: str, batch_size: int,
 
   Args:
     split: which split to read.
-    dataset: `'digits'` or a TFDS image-classification name.
+    dataset: `'digits'`, `'image_folder'` or a TFDS image-classification
+      name.
     batch_size: per-host batch size B.
     image_size: output side in pixels.
     is_training: training preprocessing, shuffling and augmentation (and
@@ -289,7 +299,8 @@ def load(split: sources.Split, *, dataset: str, batch_size: int,
       guard; absl flags are marked parsed here if they are not yet.
     num_epochs: training epochs before the iterator ends (None: endless).
       Evaluation is always one pass (None or 1).
-    data_dir: TFDS data directory (None: TFDS's default).
+    data_dir: TFDS data directory (None: TFDS's default), or the folder of
+      class folders for `'image_folder'`.
 
   Returns:
     A grain `DatasetIterator`; `get_state()` / `set_state(state)` save and
@@ -298,6 +309,8 @@ def load(split: sources.Split, *, dataset: str, batch_size: int,
   Raises:
     ValueError: for an unknown or unprepared dataset (before any compute),
       bad augment fields or out-of-range arguments.
+    ImageDecodeError: (from `next`) an image file that cannot be decoded,
+      naming its path.
   """
   _check_args(batch_size, image_size, seed, shard_index, shard_count,
               eval_crop_padding, num_workers, num_epochs, is_training)

@@ -1,6 +1,6 @@
 """Where examples come from: split table, dataset metadata, random access.
 
-Two kinds of dataset:
+Three kinds of dataset:
 
 * `'digits'`: scikit-learn's bundled 8x8 handwritten digits (1,797 images,
   10 classes), split once with a fixed seed, stratified, into 1,437 train and
@@ -8,6 +8,10 @@ Two kinds of dataset:
   (there is no separate validation set). Nothing is downloaded.
 * any TFDS image-classification dataset prepared in `data_dir` in the
   `array_record` format, read with `tfds.data_source` (no TensorFlow).
+* `'image_folder'`: a folder `data_dir` of class folders, decoded with PIL
+  on read (see `image_folder`). As for the digits, VALID is the evaluation
+  set (a 10% per-class holdout, or the val/ folder), TEST likewise (the
+  test/ folder if there is one), and TRAIN_AND_VALID = TRAIN.
 
 How `Split` maps onto TFDS splits (the official NFNet convention for ImageNet,
 a 10% holdout of 'train' otherwise):
@@ -28,6 +32,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nfnets_jax.data import image_folder
 from nfnets_jax.data import preprocessing
 
 # The config field that names the dataset, quoted in error messages.
@@ -93,11 +98,14 @@ class DatasetInfo:
     num_classes: number of label classes.
     image_shape: stored image shape `(H, W, C)`; None for varying sides.
     splits: where each `Split` lives in the base splits.
+    class_names: label names by index, where the dataset has them here
+      (image folders); None otherwise.
   """
   name: str
   num_classes: int
   image_shape: tuple[int | None, int | None, int]
   splits: Mapping[Split, SplitRange]
+  class_names: tuple[str, ...] | None = None
 
   @property
   def num_examples(self) -> dict[Split, int]:
@@ -138,10 +146,24 @@ def _digits_info() -> DatasetInfo:
               Split.VALID: test, Split.TEST: test})
 
 
+def _image_folder_info(data_dir: str | None) -> DatasetInfo:
+  folder = image_folder.scan(data_dir)
+  size = {base: len(paths) for base, (paths, _) in folder.bases.items()}
+  train = SplitRange('train', 0, size['train'])
+  return DatasetInfo(
+      name=image_folder.IMAGE_FOLDER, num_classes=len(folder.class_names),
+      image_shape=(None, None, 3),
+      splits={Split.TRAIN: train, Split.TRAIN_AND_VALID: train,
+              Split.VALID: SplitRange('valid', 0, size['valid']),
+              Split.TEST: SplitRange('test', 0, size['test'])},
+      class_names=folder.class_names)
+
+
 def _unknown_dataset_error(dataset: str, reason: str) -> ValueError:
   return ValueError(
       f'{DATASET_FIELD}={dataset!r} is not a known dataset; known: '
-      f"{DIGITS!r} (embedded, no download) or the name of a TFDS "
+      f"{DIGITS!r} (embedded, no download), {image_folder.IMAGE_FOLDER!r} "
+      "(class folders in config.dataset.data_dir) or the name of a TFDS "
       "image-classification dataset such as 'imagenet2012', 'cifar10' or "
       f"'mnist' (see tfds.list_builders()). TFDS said: {reason}")
 
@@ -194,19 +216,23 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   a missing dataset fails here, before any compute.
 
   Args:
-    dataset: `'digits'` or a TFDS image-classification name (a version may be
-      given as 'name:1.2.3').
-    data_dir: TFDS data directory (None: TFDS's default).
+    dataset: `'digits'`, `'image_folder'` or a TFDS image-classification
+      name (a version may be given as 'name:1.2.3').
+    data_dir: TFDS data directory (None: TFDS's default); for
+      `'image_folder'` the image folder (scanned, not decoded).
 
   Returns:
     The dataset's `DatasetInfo`.
 
   Raises:
     ValueError: naming `config.dataset.name`, its value and what is allowed,
-      when the dataset is unknown, not image classification, or not prepared.
+      when the dataset is unknown, not image classification, or not prepared;
+      naming `config.dataset.data_dir` for a bad image folder.
   """
   if dataset == DIGITS:
     return _digits_info()
+  if dataset == image_folder.IMAGE_FOLDER:
+    return _image_folder_info(data_dir)
   builder = _tfds_builder(dataset, data_dir)
   image_key, label_key = _tfds_keys(dataset, builder)
   sizes = {}
@@ -330,7 +356,7 @@ def open_split(dataset: str, split: Split, image_size: int,
     dataset: as `dataset_info`.
     split: which split.
     image_size: output side; the digits are upsampled to it once here.
-    data_dir: TFDS data directory.
+    data_dir: TFDS data directory, or the image folder.
 
   Returns:
     The opened base split (see `OpenedSplit`).
@@ -343,6 +369,10 @@ def open_split(dataset: str, split: Split, image_size: int,
   if dataset == DIGITS:
     images, labels = digits_images(image_size)
     source = ArraySource(images[split_range.base], labels[split_range.base])
+    return OpenedSplit(source, split_range, info, 'image', 'label')
+  if dataset == image_folder.IMAGE_FOLDER:
+    paths, labels = image_folder.scan(data_dir).bases[split_range.base]
+    source = image_folder.ImageFolderSource(paths, labels)
     return OpenedSplit(source, split_range, info, 'image', 'label')
   builder = _tfds_builder(dataset, data_dir)
   image_key, label_key = _tfds_keys(dataset, builder)

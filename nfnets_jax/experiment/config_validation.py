@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets_jax import data as data_lib
+from nfnets_jax.data import randaugment
 from nfnets_jax import models
 from nfnets_jax import optim
 from nfnets_jax.experiment import losses
@@ -214,6 +215,10 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
   for name in ("randaugment_layers", "randaugment_magnitude", "mixup_alpha",
                "cutmix_alpha"):
     p.check(a[name] >= 0, f"train.augment.{name}", a[name], ">= 0 (0: off)")
+  p.check(a.randaugment_mode in randaugment.MODES,
+          "train.augment.randaugment_mode", a.randaugment_mode,
+          " or ".join(map(repr, randaugment.MODES))
+          + " (fixed-pixel TF port, or sizes relative to the image side)")
   p.check(bool(config.workdir), "workdir", config.workdir,
           "a directory path (--workdir)")
   if config.pretrained.path:
@@ -292,8 +297,10 @@ def validate(config: Any, *, check_model: bool = True) -> RunSpec:
   min_shard = num_train // num_shards
   p.check(min_shard >= shard_batch * (2 if _mixing(t.augment) else 1),
           "train.global_batch_size", t.global_batch_size,
-          f"at most {num_train} (the training split's size; twice the "
-          "batch is read per step when mixing)")
+          f"at most {num_train} (the training split's size{_where(config)}; "
+          "twice the batch is read per step when mixing)")
+  p.check(num_eval > 0, "dataset.eval_split", config.dataset.eval_split,
+          f"a split with examples (this one has none{_where(config)})")
   steps_per_epoch = max(1, num_train // t.global_batch_size)
   if t.num_steps is not None:
     total_steps = t.num_steps
@@ -318,6 +325,16 @@ def validate(config: Any, *, check_model: bool = True) -> RunSpec:
       num_shards=num_shards, shards=tuple(range(first, first + per_process)),
       shard_batch_size=shard_batch,
       eval_host_batch_size=config.eval.batch_size // jax.process_count())
+
+
+def _where(config: Any) -> str:
+  """Where an image folder's split sizes come from, for problem lines."""
+  d = config.dataset
+  if d.name != data_lib.IMAGE_FOLDER:
+    return ""
+  return (f" in config.dataset.data_dir={d.data_dir!r}; without split "
+          "folders one image in ten per class is held out for evaluation, "
+          "none from a class of one image")
 
 
 def _mixing(augment: Any) -> bool:

@@ -9,7 +9,8 @@
    optimizer state, EMA, step, RNG and data position) or initialized;
 5. the train loop runs to `total_steps`, logging, evaluating and saving on
    schedule; a non-finite loss stops it (the last good checkpoint stays), and
-   SIGINT / SIGTERM save a checkpoint before stopping;
+   SIGINT / SIGTERM save a checkpoint before stopping, and so does an image
+   file that cannot be decoded (`BadImageError`);
 6. a final checkpoint and a final evaluation with raw and EMA weights.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 
 from nfnets_jax import agc
+from nfnets_jax import data as data_lib
 from nfnets_jax import model_stats
 from nfnets_jax import optim
 from nfnets_jax.experiment import checkpointing
@@ -40,6 +42,8 @@ from nfnets_jax.experiment import parallel
 from nfnets_jax.experiment import train_state as ts
 
 TrainState = ts.TrainState
+# In the workdir of an image-folder run: the class folder names by label.
+CLASS_NAMES_FILE = "class_names.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +67,22 @@ class Interrupted(KeyboardInterrupt):
     self.step = step
     super().__init__(f"{signal.Signals(signum).name} at step {step}: "
                      "checkpoint saved")
+
+
+class BadImageError(ValueError):
+  """An image file could not be decoded; the run saved a checkpoint and
+  stopped (bad input: fix or remove the file, then run again to resume)."""
+
+  def __init__(self, err: data_lib.ImageDecodeError, step: int,
+               last_checkpoint: int | None, directory: str):
+    self.path = err.path
+    self.step = step
+    saved = ("none" if last_checkpoint is None
+             else f"step {last_checkpoint}")
+    super().__init__(
+        f"{err} (at step {step}): training stopped. Checkpoint: {saved} in "
+        f"{directory}. Replace or remove the file, then run again to "
+        "resume.")
 
 
 class Components(NamedTuple):
@@ -137,15 +157,24 @@ def _check_pretrained_shapes(net: hk.TransformedWithState, config: Any,
 
 def restore_or_init(config: Any, spec: config_validation.RunSpec,
                     c: Components) -> tuple[TrainState, dict | None]:
-  """The newest checkpoint's state and data position, or a fresh state."""
+  """The newest intact checkpoint's state and data position, or a fresh
+  state.
+
+  Newer steps that cannot be read or fail their checksums are set aside
+  (see `checkpointing`); none intact raises `NoIntactCheckpointError`.
+  """
   fresh = initial_state(config, spec, c)
   if c.checkpointer.latest_step() is None:
     return fresh, None
-  state, saved_positions = c.checkpointer.restore(fresh)
-  c.logger.info(f"resumed from step {int(state.step)} "
-                f"({c.checkpointer.directory})")
-  return state, inputs.positions_from_checkpoint(saved_positions,
-                                                 spec.num_shards)
+  restored = c.checkpointer.restore_newest_intact(fresh)
+  skipped = ", ".join(str(f.step) for f in restored.set_aside)
+  c.logger.info(
+      f"resumed from step {restored.step} ({c.checkpointer.directory})"
+      + ("" if restored.verified else ", unverified (no checksums)")
+      + (f"; corrupt step(s) {skipped} moved to "
+         f"{c.checkpointer.set_aside_dir}" if skipped else ""))
+  return restored.state, inputs.positions_from_checkpoint(
+      restored.process_states, spec.num_shards)
 
 
 def save(c: Components, state: TrainState, position: dict | None) -> None:
@@ -224,6 +253,8 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
   Metrics of step t are read back while step t + 1 runs (no stall), except
   at log, eval and checkpoint steps, where they are read first: a
   checkpoint is only written after every step before it was found finite.
+  An image that cannot be decoded saves the last completed step, then
+  raises `BadImageError`.
   """
   t = config.train
   step = int(parallel.unreplicate(state.step))
@@ -243,9 +274,20 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
                                c.checkpointer.directory)
     return host
 
+  def stop_on_bad_image(err: data_lib.ImageDecodeError) -> BadImageError:
+    if pending is not None:
+      check(pending)
+    save(c, state, position)
+    c.checkpointer.wait()
+    return BadImageError(err, step, c.checkpointer.latest_step(),
+                         c.checkpointer.directory)
+
   with _StopRequest().installed() as stop:
     while step < spec.total_steps:
-      batch, position = next(batches)
+      try:
+        batch, position = next(batches)
+      except data_lib.ImageDecodeError as err:
+        raise stop_on_bad_image(err) from err
       state, metrics = c.train_step(state, batch)
       if pending is not None:
         check(pending)
@@ -275,7 +317,11 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
         c.checkpointer.wait()
         raise Interrupted(step, stop.signum)
       if eval_now:
-        c.logger.write(step, "eval", run_evaluation(config, spec, c, state))
+        try:
+          eval_metrics = run_evaluation(config, spec, c, state)
+        except data_lib.ImageDecodeError as err:
+          raise stop_on_bad_image(err) from err
+        c.logger.write(step, "eval", eval_metrics)
         last_time = time.time()
     if pending is not None:
       check(pending)
@@ -290,6 +336,7 @@ def run(config: Any) -> dict[str, float]:
     config_validation.ConfigError: a bad config (before any compute).
     NonFiniteLossError: the loss became NaN/Inf.
     Interrupted: SIGINT/SIGTERM (after saving a checkpoint).
+    BadImageError: an image file cannot be decoded (after saving one).
   """
   parallel.maybe_initialize_distributed(config.distributed)
   spec = config_validation.validate(config)
@@ -304,7 +351,11 @@ def run(config: Any) -> dict[str, float]:
     del host_state
     stream = inputs.TrainStream(config, spec, position)
     state = train_loop(config, spec, c, state, stream, position)
-    metrics = run_evaluation(config, spec, c, state)
+    try:
+      metrics = run_evaluation(config, spec, c, state)
+    except data_lib.ImageDecodeError as err:  # Saved by train_loop.
+      raise BadImageError(err, spec.total_steps, spec.total_steps,
+                          c.checkpointer.directory) from err
     c.logger.write(spec.total_steps, "eval", metrics)
     return metrics
   finally:
@@ -320,6 +371,12 @@ def _write_run_info(config: Any, spec: config_validation.RunSpec,
   with open(os.path.join(config.workdir, "run_spec.json"), "w") as f:
     json.dump({**spec.__dict__, "devices": jax.device_count(),
                "processes": jax.process_count()}, f, indent=2)
+  if config.dataset.name == data_lib.IMAGE_FOLDER:
+    # Label names (index = label) for nfnets-predict --pretrained WORKDIR.
+    names = data_lib.dataset_info(config.dataset.name,
+                                  config.dataset.data_dir).class_names
+    with open(os.path.join(config.workdir, CLASS_NAMES_FILE), "w") as f:
+      json.dump(list(names), f, indent=2)
   logger.info(run_logging.param_table(state.params))
   logger.info(
       f"{config.model.name}: {model_stats.count_params(state.params):,} "
