@@ -23,6 +23,9 @@ setuptools.setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX==2.6.5",
+        "flatbuffers==25.12.19",  # jax.export serialization
+        "safetensors==0.8.0",  # timm .safetensors checkpoints
+        "pillow>=10",  # nfnets-predict reads images
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
@@ -30,6 +33,7 @@ setuptools.setup(
                  "portpicker>=1.6"],
     },
     entry_points={
-        "console_scripts": ["nfnets-train=nfnets_jax.train:main"],
+        "console_scripts": ["nfnets-train=nfnets_jax.train:main",
+                            "nfnets-predict=nfnets_jax.predict:main"],
     },
 )

@@ -9,6 +9,10 @@ References:
 from nfnets_jax.agc import AdaptiveGradClipState
 from nfnets_jax.agc import adaptive_grad_clip
 from nfnets_jax.agc import clip_stats
+from nfnets_jax.builder import Model
+from nfnets_jax.builder import create_model
+from nfnets_jax.exporting import export
+from nfnets_jax.exporting import load_exported
 from nfnets_jax.fixup_resnet import FixupResNet
 from nfnets_jax.layers import NONLINEARITY_GAMMAS
 from nfnets_jax.layers import SqueezeExcite
@@ -30,6 +34,7 @@ from nfnets_jax.optim import agc_mask
 from nfnets_jax.optim import make_optimizer
 from nfnets_jax.optim import make_schedule
 from nfnets_jax.optim import weight_decay_mask
+from nfnets_jax.param_checks import ParamsMismatchError
 from nfnets_jax.pretrained import OFFICIAL_NFNET_KWARGS
 from nfnets_jax.pretrained import TIMM_NFNET_KWARGS
 from nfnets_jax.pretrained import check_params
@@ -37,6 +42,8 @@ from nfnets_jax.pretrained import from_timm_state_dict
 from nfnets_jax.pretrained import infer_variant
 from nfnets_jax.pretrained import load_pretrained
 from nfnets_jax.pretrained import replace_head
+from nfnets_jax.registry import DataConfig
+from nfnets_jax.registry import list_models
 from nfnets_jax.resnet import RESNET_DEPTHS
 from nfnets_jax.resnet import ResNet
 from nfnets_jax.skipinit_resnet import SkipInitResNet

@@ -7,33 +7,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 import pickle
 import sys
-from typing import Any
 
 import numpy as np
 
 from nfnets_jax import pretrained
-
-
-def load_timm_file(path: str) -> Mapping[str, Any]:
-  """A timm state dict from `.safetensors`, or a `.pth`/`.bin` torch file.
-
-  Torch files are read with `weights_only=True` (no code runs); a checkpoint
-  dict wrapping the weights under `state_dict`, `model` or `state_dict_ema`
-  is unwrapped.
-  """
-  if path.endswith(".safetensors"):
-    # pylint: disable-next=g-import-not-at-top
-    from safetensors.numpy import load_file
-    return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model", "state_dict_ema"):
-    if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-      return sd[key]
-  return sd
+# Public here before it moved to timm_weights.
+from nfnets_jax.timm_weights import load_timm_file  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
