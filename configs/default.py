@@ -39,7 +39,10 @@ allowed):
   train.num_epochs / num_steps: run length; num_steps wins when both set.
   train.image_size: training resolution.
   train.augment: random_crop, flip (bools), randaugment_layers,
-      randaugment_magnitude (0: off), mixup_alpha, cutmix_alpha (0: off).
+      randaugment_magnitude (0: off), randaugment_mode ('official': the TF
+      port's ops exactly, 100 px translate / 40 px cutout at magnitude 10;
+      'relative': those sizes as fractions of a 224 px side, PIL's
+      contrast and solarize), mixup_alpha, cutmix_alpha (0: off).
   train.label_smoothing: in [0, 1).
   train.loss: 'softmax' or 'sigmoid' cross-entropy.
   train.ema_decay: EMA of the weights for evaluation (None: no EMA);
@@ -110,6 +113,7 @@ def get_config(arg: str | None = None):
   t.ema_decay = 0.999
   t.compute_dtype = "float32"
   t.log_every_steps = 10
+  t.augment.randaugment_mode = "relative"  # 16 px images.
 
   config.eval.batch_size = 360
   config.eval.image_size = 16

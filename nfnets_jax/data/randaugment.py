@@ -1,37 +1,49 @@
 """RandAugment (Cubuk et al. 2020, arXiv:1909.13719) on uint8 images.
 
-Follows the op set and the magnitude-to-argument mapping of the TF port used
-by the official NFNets (`nfnets/autoaugment.py`): 16 ops, each layer picks one
-uniformly and always applies it, magnitudes are on a 0-10 scale. The NFNet
-configs use 4 layers at magnitude 5 (F0), 10 (F1, F2) and 15 (F3-F7) - the
-'405' / '410' / '415' of `experiment_nfnets.py`.
+Reproduces the TF port that the official NFNets run (`nfnets/autoaugment.py`,
+`distort_image_with_randaugment`): 16 ops, each layer picks one uniformly and
+always applies it, magnitudes on a 0-10 scale. The NFNet configs use 4 layers
+at magnitude 5 (F0), 10 (F1, F2) and 15 (F3-F7): the '405' / '410' / '415'
+of `experiment_nfnets.py`. Every op matches TensorFlow 2.21 running that
+file on the fixture `tests/fixtures/randaugment_tf/ops.npz`.
 
-Differences from that port, all deliberate:
-* translation and cutout sizes are fractions of the image side (100/224 and
-  40/224 at magnitude 10) so that they mean the same at 32 px as the official
-  100 px and 40 px do at 224 px;
-* `contrast` blends towards the mean grey level (PIL's definition); the TF
-  port's histogram bug blends towards a constant of `num_pixels / 256`.
-Geometric ops use nearest-neighbour sampling with grey (128) fill, as there.
+Two modes (`MODES`) differ in four ops:
+* 'official' (the ImageNet recipes), exactly as TF executes the port:
+  translate 100 px and cutout 40 px at magnitude 10 whatever the image size;
+  `contrast` blends towards the constant min(H * W / 256, 255) (the port
+  takes the histogram's sum, i.e. the pixel count, for its mean); `solarize`
+  thresholds at int(256 * magnitude / 10) cast to uint8, which wraps modulo
+  256: magnitude 10 inverts every pixel, 15 is magnitude 5's threshold 128.
+* 'relative' (small images): translate and cutout sizes are the same
+  fractions of the image side as 100 px and 40 px are of 224 px; `contrast`
+  blends towards the mean grey level (PIL's rule); `solarize` thresholds are
+  not wrapped (PIL's rule: 256 and above change nothing).
+Geometric ops sample as TF's `ImageProjectiveTransformV3` does (output pixel
+`(x, y)` reads the input at the transformed `(x, y)` rounded half away from
+zero, float32 coordinates) with grey (128) fill.
 """
 
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
 
 MAX_LEVEL = 10.0
 FILL_VALUE = 128
-# The TF port's pixel constants, relative to the 224 px images they assume.
-TRANSLATE_FRACTION = 100 / 224
-CUTOUT_FRACTION = 40 / 224
+MODES = ('official', 'relative')
+# The port's `translate_const` / `cutout_const` (pixels at magnitude 10) and
+# the image side they assume (for the 'relative' mode).
+TRANSLATE_PIXELS = 100
+CUTOUT_PIXELS = 40
+REFERENCE_SIDE = 224
+# tf.image.rgb_to_grayscale's weights.
+_TF_LUMA = np.asarray([0.2989, 0.5870, 0.1140], np.float32)
 # ITU-R 601-2 luma, as PIL's convert('L').
-_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+_PIL_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
 
 
 def blend(image1: np.ndarray, image2: np.ndarray,
           factor: float) -> np.ndarray:
-  """`image1 + factor * (image2 - image1)`, clipped to uint8 (truncated).
+  """`image1 + factor * (image2 - image1)` in float32, clipped, truncated.
 
   Args:
     image1: uint8 image (the degenerate image, factor 0).
@@ -41,22 +53,30 @@ def blend(image1: np.ndarray, image2: np.ndarray,
   Returns:
     uint8 image.
   """
-  out = image1.astype(np.float32) + factor * (
-      image2.astype(np.float32) - image1.astype(np.float32))
+  x1 = image1.astype(np.float32)
+  out = x1 + np.float32(factor) * (image2.astype(np.float32) - x1)
   return np.clip(out, 0.0, 255.0).astype(np.uint8)
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-  """Luma of an RGB uint8 image, `[H, W]` float32."""
-  return image.astype(np.float32) @ _LUMA
+def grayscale(image: np.ndarray) -> np.ndarray:
+  """`tf.image.rgb_to_grayscale` of a uint8 image, `[H, W]` uint8.
+
+  TF scales to [0, 1] (x / 255), weights the channels in float32, then
+  converts back by multiplying with 255.5 and truncating.
+  """
+  x = image.astype(np.float32) * np.float32(1.0 / 255.0)
+  grey = (x[..., 0] * _TF_LUMA[0] + x[..., 1] * _TF_LUMA[1]
+          + x[..., 2] * _TF_LUMA[2])
+  return (grey * np.float32(255.5)).astype(np.uint8)
 
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
   """Stretches each channel linearly so its min maps to 0 and max to 255."""
   lo = image.min(axis=(0, 1), keepdims=True).astype(np.float32)
   hi = image.max(axis=(0, 1), keepdims=True).astype(np.float32)
-  scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1.0), 1.0)
-  offset = np.where(hi > lo, -lo * scale, 0.0)
+  scale = np.where(hi > lo, np.float32(255.0) / np.maximum(hi - lo, 1.0),
+                   np.float32(1.0))
+  offset = np.where(hi > lo, -lo * scale, np.float32(0.0))
   out = image.astype(np.float32) * scale + offset
   return np.clip(out, 0.0, 255.0).astype(np.uint8)
 
@@ -90,7 +110,7 @@ def posterize(image: np.ndarray, bits: int) -> np.ndarray:
 
 
 def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
-  """Inverts the values at or above `threshold`."""
+  """Inverts the values at or above `threshold` (>= 256: no change)."""
   return np.where(image < threshold, image, 255 - image).astype(np.uint8)
 
 
@@ -102,14 +122,24 @@ def solarize_add(image: np.ndarray, addition: int,
 
 
 def color(image: np.ndarray, factor: float) -> np.ndarray:
-  """Saturation: blends from the grey image (0) to the image (1)."""
-  grey = np.clip(np.round(_grey(image)), 0, 255).astype(np.uint8)
-  return blend(np.repeat(grey[..., None], 3, axis=-1), image, factor)
+  """Saturation: blends from the TF grey image (0) to the image (1)."""
+  return blend(np.repeat(grayscale(image)[..., None], 3, axis=-1), image,
+               factor)
 
 
 def contrast(image: np.ndarray, factor: float) -> np.ndarray:
-  """Contrast: blends from a flat image at the mean grey level (PIL's rule)."""
-  mean = int(_grey(image).mean() + 0.5)
+  """The port's contrast: blends from a flat min(H * W / 256, 255) image.
+
+  The port means to blend from the mean grey level but divides the sum of
+  the grey histogram (the pixel count) by 256.
+  """
+  level = min(image.shape[0] * image.shape[1] / 256.0, 255.0)
+  return blend(np.full_like(image, int(level)), image, factor)
+
+
+def contrast_mean_grey(image: np.ndarray, factor: float) -> np.ndarray:
+  """PIL's contrast: blends from a flat image at the mean grey level."""
+  mean = int((image.astype(np.float32) @ _PIL_LUMA).mean() + 0.5)
   return blend(np.full_like(image, mean), image, factor)
 
 
@@ -130,41 +160,67 @@ def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
   return blend(degenerate, image, factor)
 
 
-def _affine(image: np.ndarray, coefficients: tuple[float, ...]) -> np.ndarray:
-  """PIL affine warp (output -> input map), nearest, grey fill."""
-  pil = Image.fromarray(image)
-  out = pil.transform(pil.size, Image.Transform.AFFINE, coefficients,
-                      resample=Image.Resampling.NEAREST,
-                      fillcolor=(FILL_VALUE,) * 3)
-  return np.asarray(out)
+def project(image: np.ndarray, transform: tuple[float, ...]) -> np.ndarray:
+  """Affine warp as TF's `ImageProjectiveTransformV3`, NEAREST, grey fill.
+
+  Args:
+    image: uint8 `[H, W, C]`.
+    transform: `(a0, a1, a2, b0, b1, b2)`: output pixel (x, y) (column, row)
+      reads the input at (a0 x + a1 y + a2, b0 x + b1 y + b2), computed in
+      float32 and rounded half away from zero; outside reads are grey.
+
+  Returns:
+    uint8 `[H, W, C]`.
+  """
+  a0, a1, a2, b0, b1, b2 = np.asarray(transform, np.float32)
+  height, width = image.shape[:2]
+  y, x = np.mgrid[:height, :width].astype(np.float32)
+  # float32 step by step, in the kernel's order (no fused multiply-add).
+  in_x = ((a0 * x + a1 * y) + a2).astype(np.float64)
+  in_y = ((b0 * x + b1 * y) + b2).astype(np.float64)
+  col = np.trunc(in_x + np.copysign(0.5, in_x))
+  row = np.trunc(in_y + np.copysign(0.5, in_y))
+  inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+  out = np.full_like(image, FILL_VALUE)
+  out[inside] = image[row[inside].astype(np.int64),
+                      col[inside].astype(np.int64)]
+  return out
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
-  """Rotates counter-clockwise about the center, grey fill."""
-  pil = Image.fromarray(image)
-  out = pil.rotate(degrees, resample=Image.Resampling.NEAREST,
-                   fillcolor=(FILL_VALUE,) * 3)
-  return np.asarray(out)
+  """Rotates about the center as tensorflow_addons' `rotate`, grey fill.
+
+  Positive `degrees` turn the content counter-clockwise on screen, as PIL's
+  `rotate` (the port's docstring says clockwise; its kernel does not).
+  """
+  angle = np.float32(degrees * (np.pi / 180.0))
+  cos = np.float32(np.cos(np.float64(angle)))
+  sin = np.float32(np.sin(np.float64(angle)))
+  h1 = np.float32(image.shape[0] - 1)
+  w1 = np.float32(image.shape[1] - 1)
+  x_offset = (w1 - (cos * w1 - sin * h1)) / np.float32(2.0)
+  y_offset = (h1 - (sin * w1 + cos * h1)) / np.float32(2.0)
+  return project(image, (cos, -sin, x_offset, sin, cos, y_offset))
 
 
 def shear_x(image: np.ndarray, level: float) -> np.ndarray:
   """Shears along x: output (x, y) samples input (x + level * y, y)."""
-  return _affine(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
+  return project(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
 
 
 def shear_y(image: np.ndarray, level: float) -> np.ndarray:
   """Shears along y: output (x, y) samples input (x, y + level * x)."""
-  return _affine(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
+  return project(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
 
 
 def translate_x(image: np.ndarray, pixels: float) -> np.ndarray:
   """Moves the content left by `pixels` (right when negative), grey fill."""
-  return _affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
+  return project(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
 
 
 def translate_y(image: np.ndarray, pixels: float) -> np.ndarray:
   """Moves the content up by `pixels` (down when negative), grey fill."""
-  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+  return project(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
 
 
 def cutout(image: np.ndarray, center: tuple[int, int],
@@ -196,67 +252,100 @@ def _enhance(level: float) -> float:
   return level * 1.8 + 0.1
 
 
-def _cutout_at_random(image: np.ndarray, level: float,
-                      rng: np.random.Generator) -> np.ndarray:
+def _pixels(level: float, pixels: int, side: int, mode: str) -> float:
+  """`level * pixels`, or in 'relative' mode that fraction of 224 x `side`."""
+  if mode == 'relative':
+    return level * pixels / REFERENCE_SIDE * side
+  return level * pixels
+
+
+def _solarize(image: np.ndarray, level: float, mode: str) -> np.ndarray:
+  threshold = int(level * 256)
+  if mode == 'official':
+    threshold %= 256  # TF casts the Python threshold to uint8.
+  return solarize(image, threshold)
+
+
+def _contrast(image: np.ndarray, level: float, mode: str) -> np.ndarray:
+  op = contrast if mode == 'official' else contrast_mean_grey
+  return op(image, _enhance(level))
+
+
+def _cutout(image: np.ndarray, level: float, rng: np.random.Generator,
+            mode: str) -> np.ndarray:
   center = (int(rng.integers(image.shape[0])),
             int(rng.integers(image.shape[1])))
-  return cutout(image, center,
-                int(level * CUTOUT_FRACTION * min(image.shape[:2])))
+  return cutout(image, center, int(_pixels(level, CUTOUT_PIXELS,
+                                           min(image.shape[:2]), mode)))
 
 
-# Op name -> f(image, level = magnitude / 10, rng): the official mapping.
-_OPS: dict[str, Callable[[np.ndarray, float, np.random.Generator],
-                         np.ndarray]] = {
-    'AutoContrast': lambda image, level, rng: autocontrast(image),
-    'Equalize': lambda image, level, rng: equalize(image),
-    'Invert': lambda image, level, rng: invert(image),
-    'Rotate': lambda image, level, rng: rotate(
+_Op = Callable[[np.ndarray, float, np.random.Generator, str], np.ndarray]
+# Op name -> f(image, level = magnitude / 10, rng, mode): the port's mapping.
+_OPS: dict[str, _Op] = {
+    'AutoContrast': lambda image, level, rng, mode: autocontrast(image),
+    'Equalize': lambda image, level, rng, mode: equalize(image),
+    'Invert': lambda image, level, rng, mode: invert(image),
+    'Rotate': lambda image, level, rng, mode: rotate(
         image, _signed(level * 30.0, rng)),
-    'Posterize': lambda image, level, rng: posterize(image, int(level * 4)),
-    'Solarize': lambda image, level, rng: solarize(image, int(level * 256)),
-    'Color': lambda image, level, rng: color(image, _enhance(level)),
-    'Contrast': lambda image, level, rng: contrast(image, _enhance(level)),
-    'Brightness': lambda image, level, rng: brightness(image, _enhance(level)),
-    'Sharpness': lambda image, level, rng: sharpness(image, _enhance(level)),
-    'ShearX': lambda image, level, rng: shear_x(
+    'Posterize': lambda image, level, rng, mode: posterize(
+        image, int(level * 4)),
+    'Solarize': lambda image, level, rng, mode: _solarize(image, level, mode),
+    'Color': lambda image, level, rng, mode: color(image, _enhance(level)),
+    'Contrast': lambda image, level, rng, mode: _contrast(image, level, mode),
+    'Brightness': lambda image, level, rng, mode: brightness(
+        image, _enhance(level)),
+    'Sharpness': lambda image, level, rng, mode: sharpness(
+        image, _enhance(level)),
+    'ShearX': lambda image, level, rng, mode: shear_x(
         image, _signed(level * 0.3, rng)),
-    'ShearY': lambda image, level, rng: shear_y(
+    'ShearY': lambda image, level, rng, mode: shear_y(
         image, _signed(level * 0.3, rng)),
-    'TranslateX': lambda image, level, rng: translate_x(
-        image, _signed(level * TRANSLATE_FRACTION * image.shape[1], rng)),
-    'TranslateY': lambda image, level, rng: translate_y(
-        image, _signed(level * TRANSLATE_FRACTION * image.shape[0], rng)),
-    'Cutout': _cutout_at_random,
-    'SolarizeAdd': lambda image, level, rng: solarize_add(
+    'TranslateX': lambda image, level, rng, mode: translate_x(
+        image, _signed(_pixels(level, TRANSLATE_PIXELS, image.shape[1],
+                               mode), rng)),
+    'TranslateY': lambda image, level, rng, mode: translate_y(
+        image, _signed(_pixels(level, TRANSLATE_PIXELS, image.shape[0],
+                               mode), rng)),
+    'Cutout': _cutout,
+    'SolarizeAdd': lambda image, level, rng, mode: solarize_add(
         image, int(level * 110)),
 }
-# The 16 ops in the TF port's order.
+# The 16 ops in the port's order.
 OP_NAMES = tuple(_OPS)
 
 
+def check_mode(mode: str) -> None:
+  """Raises ValueError unless `mode` is one of `MODES`."""
+  if mode not in MODES:
+    raise ValueError(f'RandAugment mode {mode!r} is not one of {MODES}.')
+
+
 def apply_op(name: str, image: np.ndarray, magnitude: float,
-             rng: np.random.Generator) -> np.ndarray:
-  """Applies one RandAugment op at `magnitude` (the official level mapping).
+             rng: np.random.Generator, mode: str = 'official') -> np.ndarray:
+  """Applies one RandAugment op at `magnitude` (the port's level mapping).
 
   Args:
     name: one of `OP_NAMES`.
     image: uint8 `[H, W, 3]`.
     magnitude: level on the 0-10 scale (values above 10 extrapolate).
     rng: NumPy generator for the random sign / cutout position.
+    mode: one of `MODES` (see the module docstring).
 
   Returns:
     uint8 `[H, W, 3]`.
 
   Raises:
-    ValueError: for an unknown op name.
+    ValueError: for an unknown op name or mode.
   """
   if name not in _OPS:
     raise ValueError(f'Unknown RandAugment op {name!r}; known: {OP_NAMES}.')
-  return _OPS[name](image, magnitude / MAX_LEVEL, rng)
+  check_mode(mode)
+  return _OPS[name](image, magnitude / MAX_LEVEL, rng, mode)
 
 
 def randaugment(image: np.ndarray, num_layers: int, magnitude: float,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator,
+                mode: str = 'official') -> np.ndarray:
   """Applies `num_layers` uniformly chosen ops, each at `magnitude`.
 
   Args:
@@ -264,11 +353,13 @@ def randaugment(image: np.ndarray, num_layers: int, magnitude: float,
     num_layers: number of ops applied in sequence (N in the paper).
     magnitude: shared magnitude on the 0-10 scale (M in the paper).
     rng: NumPy generator; the output is a deterministic function of its state.
+    mode: one of `MODES` (see the module docstring).
 
   Returns:
     uint8 `[H, W, 3]`.
   """
+  check_mode(mode)
   for _ in range(num_layers):
     name = OP_NAMES[int(rng.integers(len(OP_NAMES)))]
-    image = apply_op(name, image, magnitude, rng)
+    image = apply_op(name, image, magnitude, rng, mode)
   return image

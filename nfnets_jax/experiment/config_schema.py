@@ -42,6 +42,9 @@ def base_config() -> config_dict.ConfigDict:
               "flip": False,
               "randaugment_layers": 0,
               "randaugment_magnitude": 0,
+              # 'official' (the TF port's ops as run) or 'relative' (sizes
+              # relative to the image side): `data.randaugment.MODES`.
+              "randaugment_mode": "official",
               "mixup_alpha": 0.0,
               "cutmix_alpha": 0.0,
           },

@@ -26,7 +26,8 @@ def augment_config(train_config: Any) -> ml_collections.ConfigDict:
   randaugment = None
   if a.randaugment_layers > 0:
     randaugment = {"num_layers": int(a.randaugment_layers),
-                   "magnitude": float(a.randaugment_magnitude)}
+                   "magnitude": float(a.randaugment_magnitude),
+                   "mode": str(a.randaugment_mode)}
   return ml_collections.ConfigDict({
       "random_crop": bool(a.random_crop), "flip": bool(a.flip),
       "randaugment": randaugment, "mixup_alpha": float(a.mixup_alpha),

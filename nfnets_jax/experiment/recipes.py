@@ -95,6 +95,7 @@ def nfnet_imagenet(variant: str, arg: str | None = None
   t.augment.flip = True
   t.augment.randaugment_layers = v.randaugment_layers
   t.augment.randaugment_magnitude = v.randaugment_magnitude
+  t.augment.randaugment_mode = "official"  # Fixed pixels, as the TF port.
   t.augment.mixup_alpha = MIXUP_ALPHA
   t.augment.cutmix_alpha = CUTMIX_ALPHA
   t.ema_decay = 0.99999
@@ -221,6 +222,8 @@ def nfnet_finetune(arg: str | None = None) -> config_dict.ConfigDict:
   t.num_epochs = 10.0
   t.augment.randaugment_layers = 0
   t.augment.randaugment_magnitude = 0
+  # Small source images: RandAugment sizes relative to the image side.
+  t.augment.randaugment_mode = "relative"
   t.augment.mixup_alpha = 0.0
   t.augment.cutmix_alpha = 0.0
   t.ema_decay = 0.9999
