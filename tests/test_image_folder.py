@@ -388,7 +388,7 @@ def test_sigkill_and_resume_bit_exact(folder, reference, cache_dir, tmp_path):
   proc = testing.run_train(workdir, *_flags(folder), cache_dir=cache_dir,
                            config=testing.DEFAULT_CONFIG)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'resumed from step' in proc.stderr
+  assert 'resumed from step' in proc.stdout + proc.stderr
   final = testing.load_checkpoint(workdir, NUM_STEPS)
   expected = testing.load_checkpoint(reference, NUM_STEPS)
   assert jax.tree.structure(final) == jax.tree.structure(expected)
