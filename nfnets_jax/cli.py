@@ -37,7 +37,10 @@ def verbose_requested(argv: Sequence[str] | None = None) -> bool:
   """True when `--verbose` is among `argv` or `NFNETS_VERBOSE` is set."""
   argv = sys.argv[1:] if argv is None else argv
   env = os.environ.get(VERBOSE_ENV, "").strip().lower()
-  return "--verbose" in argv or env not in ("", "0", "false", "no")
+  flag = any(a == "--verbose" or a.lower() in ("--verbose=true",
+                                               "--verbose=1")
+             for a in argv)
+  return flag or env not in ("", "0", "false", "no")
 
 
 def report(prog: str, err: BaseException, *, verbose: bool = False) -> int:
@@ -45,9 +48,9 @@ def report(prog: str, err: BaseException, *, verbose: bool = False) -> int:
   if verbose:
     traceback.print_exception(err)
   message = str(err) or type(err).__name__
-  if isinstance(err, OSError) and err.filename and str(
-      err.filename) not in message:
-    message = f"{err.filename}: {message}"
+  if isinstance(err, OSError) and err.filename and err.strerror:
+    # "PATH: No such file or directory" rather than "[Errno 2] ...: 'PATH'".
+    message = f"{err.filename}: {err.strerror}"
   print(f"{prog}: error: {message}", file=sys.stderr)
   if not verbose:
     print(f"{prog}: (run with --verbose or {VERBOSE_ENV}=1 for the "

@@ -10,12 +10,42 @@ import argparse
 from collections.abc import Sequence
 import pickle
 import sys
+import warnings
 
 import numpy as np
 
+from nfnets_jax import cli
 from nfnets_jax import pretrained
 # Public here before it moved to timm_weights.
 from nfnets_jax.timm_weights import load_timm_file  # noqa: F401
+
+
+PROG = "python -m nfnets_jax.convert_checkpoint"
+
+
+def _parser() -> argparse.ArgumentParser:
+  """The command line; `--verbose` is accepted before or after a command."""
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (or set "
+                      f"{cli.VERBOSE_ENV}=1)")
+  parser = argparse.ArgumentParser(
+      prog=PROG, parents=[common],
+      description="Convert NFNet checkpoints to a safe .npz of flat names.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for command, help_ in [
+      ("convert", "official F*_haiku.npz (pickle) or .npz -> safe .npz"),
+      ("convert-timm", "timm dm_nfnet_* .pth / .safetensors -> safe .npz")]:
+    p = sub.add_parser(command, help=help_, parents=[common])
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--variant", default=None,
+                   help="check names/shapes against this NFNet variant "
+                   "(default: the inferred one)")
+  p = sub.add_parser("info", help="print variant and parameter count",
+                     parents=[common])
+  p.add_argument("input")
+  return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,36 +59,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv: command-line arguments (default `sys.argv[1:]`).
 
   Returns:
-    The exit status: 0, or 1 after printing the error (unsafe or unreadable
-    file, params that do not match `--variant`).
+    The exit status: 0, or 2 after one `PROG: error: ...` line naming the
+    file (unsafe or unreadable file, params that do not match `--variant`,
+    bad arguments).
   """
-  parser = argparse.ArgumentParser(
-      prog="python -m nfnets_jax.convert_checkpoint",
-      description="Convert NFNet checkpoints to a safe .npz of flat names.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  for command, help_ in [
-      ("convert", "official F*_haiku.npz (pickle) or .npz -> safe .npz"),
-      ("convert-timm", "timm dm_nfnet_* .pth / .safetensors -> safe .npz")]:
-    p = sub.add_parser(command, help=help_)
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--variant", default=None,
-                   help="check names/shapes against this NFNet variant "
-                   "(default: the inferred one)")
-  p = sub.add_parser("info", help="print variant and parameter count")
-  p.add_argument("input")
-  args = parser.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return cli.guard(PROG, lambda: _run(_parser().parse_args(argv)),
+                   argv=argv)
+
+
+def _read_timm(path: str) -> dict:
+  """`load_timm_file`, with what torch and safetensors raise as bad input.
+
+  torch reports a file that is not a torch archive as KeyError, RuntimeError
+  or EOFError, safetensors a bad header as its SafetensorError: the file is
+  the user's, so any error reading it is reported as one message.
+  """
   try:
-    return _run(args)
-  except (OSError, ValueError, pickle.UnpicklingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    with warnings.catch_warnings():
+      # torch warns about every pickle protocol but 2 (official files: 4).
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      return load_timm_file(path)
+  except OSError:
+    raise
+  except pickle.UnpicklingError as err:
+    reason = str(err).rsplit("WeightsUnpickler error:", 1)[-1].strip()
+    reason = reason.split("\n")[0]
+    raise cli.UsageError(
+        f"{path}: refused: torch's weights-only loader found something other "
+        f"than tensors ({reason}); the file may be malicious, and nothing "
+        "from it was run") from err
+  except Exception as err:  # pylint: disable=broad-except
+    raise cli.UsageError(
+        f"{path}: not a readable timm checkpoint (expected a torch .pth / "
+        f".bin file or a .safetensors file): {type(err).__name__}: {err}"
+    ) from err
 
 
 def _run(args: argparse.Namespace) -> int:
   """Carries out one `main` command."""
   if args.command == "convert-timm":
-    params, _ = pretrained.from_timm_state_dict(load_timm_file(args.input))
+    params, _ = pretrained.from_timm_state_dict(_read_timm(args.input))
   else:
     params, _ = pretrained.load_pretrained(args.input)
   count = sum(int(np.size(v)) for leaves in params.values()

@@ -40,14 +40,12 @@ EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _main(argv: list[str]) -> int:
+  del argv  # Checked by _run: the program name only.
   # Imported here: --help and flag errors answer without TFDS, orbax, grain.
   # pylint: disable=g-import-not-at-top
   from nfnets_jax.experiment import config_validation
   from nfnets_jax.experiment import loop
   # pylint: enable=g-import-not-at-top
-  if len(argv) > 1:
-    raise cli.UsageError(f"unexpected arguments {argv[1:]}: {PROG} takes "
-                         "only flags (see --help)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
   config = _CONFIG.value
@@ -80,6 +78,9 @@ def _run(argv: list[str]) -> int:
     return 0
   app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
   remaining = train_cli.parse_flags(argv)
+  if len(remaining) > 1:
+    raise cli.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "
+                         "takes only flags (see --help)")
   # absl's set-up (logging handler, faulthandler), then sys.exit(_main()).
   app.run(_main, argv=argv, flags_parser=lambda _: remaining)
   return 0

@@ -1,0 +1,319 @@
+"""`nfnets-train`'s command line before training: `--help` and flag checks.
+
+Every mistake in the flags becomes one `cli.UsageError` (exit status 2)
+naming the flag, the value and what is allowed, before JAX compiles
+anything: a missing `--config` / `--workdir`, a config file that does not
+exist or fails to load, an unknown `--config.<field>` (with the closest
+field names), a value of the wrong type, an unknown flag.
+
+The config files listed by `--help` are those of `configs/` in the current
+directory and of the directory of `--config`: installed code does not know
+where the repository is.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+import difflib
+import importlib.util
+import os
+import re
+import textwrap
+from typing import Any
+
+from absl import flags
+from ml_collections import config_dict
+from ml_collections.config_flags import config_path
+
+from nfnets_jax import cli
+
+PROG = "nfnets-train"
+HELP_ARGS = ("-h", "--help", "-help", "-?")
+CONFIGS_DIR = "configs"
+
+# (field, what it sets): the overrides most runs change. Every field is
+# documented in configs/default.py.
+COMMON_OVERRIDES = (
+    ("train.global_batch_size", "images per step over all devices"),
+    ("train.num_steps", "run length in steps (wins over num_epochs)"),
+    ("train.num_epochs", "run length in epochs"),
+    ("optimizer.lr.base_lr", "peak lr = base_lr x batch / base_batch_size"),
+    ("dataset.name", "'digits', 'image_folder' or a TFDS dataset"),
+    ("dataset.data_dir", "TFDS data directory, or the image folder"),
+    ("model.kwargs.variant", "model variant, e.g. 'F1' for NFNet"),
+    ("train.image_size", "training resolution in pixels"),
+    ("pretrained.path", "fine-tune from this checkpoint file"),
+    ("seed", "the one seed (init, data order, augmenting)"),
+)
+
+_TYPE_WORDS = {bool: "true or false", int: "an int", float: "a number",
+               str: "a string", tuple: "a tuple, e.g. '(1, 2)'"}
+
+
+def _args_before_dashes(args: Sequence[str]) -> list[str]:
+  args = list(args)
+  return args[:args.index("--")] if "--" in args else args
+
+
+def wants_help(args: Sequence[str]) -> bool:
+  """True when `args` (without the program name) ask for `--help`."""
+  return any(a in HELP_ARGS for a in _args_before_dashes(args))
+
+
+def flag_value(args: Sequence[str], name: str) -> str | None:
+  """The last value of `--name=V` or `--name V` in `args`, or None."""
+  args = _args_before_dashes(args)
+  value = None
+  for i, arg in enumerate(args):
+    for dashes in ("--", "-"):
+      if arg.startswith(f"{dashes}{name}="):
+        value = arg[len(dashes) + len(name) + 1:]
+      elif arg == f"{dashes}{name}" and i + 1 < len(args):
+        value = args[i + 1]
+  return value
+
+
+def config_docs(directory: str) -> list[tuple[str, str]]:
+  """`(file name, first docstring line)` of each config in `directory`.
+
+  The docstring is read with `ast` (the file is not run).
+  """
+  found = []
+  for name in sorted(os.listdir(directory)):
+    if not name.endswith(".py") or name.startswith("_"):
+      continue
+    try:
+      with open(os.path.join(directory, name), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read()))
+    except (OSError, SyntaxError, ValueError) as err:
+      doc = f"(unreadable: {type(err).__name__})"
+    lines = (doc or "").strip().splitlines()
+    found.append((name, lines[0] if lines else "(no docstring)"))
+  return found
+
+
+def config_listing(args: Sequence[str]) -> list[str]:
+  """Help lines listing the configs next to `--config` and in ./configs."""
+  places = []
+  spec = flag_value(args, "config")
+  if spec:
+    places.append((os.path.dirname(spec.partition(":")[0]) or os.curdir,
+                   "next to --config"))
+  places.append((CONFIGS_DIR, "in the current directory"))
+  lines, seen = [], set()
+  for directory, where in places:
+    if not os.path.isdir(directory) or os.path.realpath(directory) in seen:
+      continue
+    seen.add(os.path.realpath(directory))
+    docs = config_docs(directory)
+    if not docs:
+      continue
+    lines.append(f"configs in {os.path.join(directory, '')} ({where}):")
+    width = max(len(name) for name, _ in docs) + 2
+    for name, doc in docs:
+      lines += textwrap.wrap(doc, 78, initial_indent=f"  {name:<{width}}",
+                             subsequent_indent=" " * (width + 2))
+  if not lines:
+    lines = textwrap.wrap(
+        f"configs: none found (no {CONFIGS_DIR}/ in the current directory); "
+        "run from the repository root, whose configs/ holds the shipped "
+        "ones, or pass --config PATH.", 78)
+  return lines
+
+
+def help_text(args: Sequence[str]) -> str:
+  """The `--help` text (`args`: the command line, to find `--config`)."""
+  overrides = []
+  for field, what in COMMON_OVERRIDES:
+    overrides += textwrap.wrap(
+        what, 79, initial_indent=f"  --config.{field:<25}",
+        subsequent_indent=" " * 36)
+  return "\n".join([
+      f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR",
+      "                    [--config.FIELD=VALUE ...] [--verbose]",
+      "",
+      "Trains and evaluates an NFNet experiment described by a config file,",
+      "then evaluates the raw and EMA weights. Running again with the same",
+      "--workdir resumes from its newest checkpoint.",
+      "",
+      "examples:",
+      f"  {PROG} --config configs/default.py --workdir /tmp/digits",
+      f"  {PROG} --config configs/nfnet_f0.py:smoke --workdir /tmp/smoke \\",
+      "      --config.train.num_steps=2",
+      "",
+      "flags:",
+      "  --config CONFIG[:ARG]  a config file (configs/*.py); ':ARG' goes to",
+      "                         its get_config (':smoke': one tiny step)",
+      "  --workdir DIR          checkpoints, metrics.jsonl, TensorBoard "
+      "events,",
+      "                         config.json; an existing run is resumed",
+      "  --config.FIELD=VALUE   set one config field (the config is locked:",
+      "                         a misspelt field is an error)",
+      f"  --verbose              show the traceback of an error (or "
+      f"{cli.VERBOSE_ENV}=1)",
+      "  --helpfull             every flag, absl's included",
+      "",
+      "common overrides (every field: the docstring of configs/default.py):",
+      *overrides,
+      "",
+      *config_listing(args),
+      "",
+      "exit status: 0 done; 2 invalid input (flags, config, files, data);",
+      "3 non-finite loss; 130 interrupted (a checkpoint was saved).",
+  ])
+
+
+def load_config(spec: str) -> config_dict.ConfigDict:
+  """Runs `get_config` of the file in `spec` ('path[:arg]'); locks it.
+
+  Raises:
+    cli.UsageError: no such file, or the file fails to load (it is the
+      user's code: any exception in it is reported, traceback on --verbose).
+  """
+  path, colon, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    hint = "; ".join(config_listing(["--config", spec])[:1])
+    raise cli.UsageError(f"--config={spec}: no such config file {path!r} "
+                         f"(allowed: a config file; {hint})")
+  module_spec = importlib.util.spec_from_file_location(
+      "nfnets_train_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if colon else module.get_config()
+  except Exception as err:  # pylint: disable=broad-except
+    raise cli.UsageError(f"--config={spec}: loading {path} failed: "
+                         f"{type(err).__name__}: {err}") from err
+  if not isinstance(config, config_dict.ConfigDict):
+    raise cli.UsageError(f"--config={spec}: get_config() of {path} returned "
+                         f"{type(config).__name__}, not a ConfigDict")
+  config.lock()
+  return config
+
+
+def field_paths(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every field and group of fields of `config`."""
+  paths = []
+  for key in sorted(config.keys()):
+    paths.append(prefix + key)
+    value = config[key]
+    if isinstance(value, config_dict.ConfigDict):
+      paths += field_paths(value, f"{prefix}{key}.")
+  return paths
+
+
+def overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+  """`(field path, flag)` of each `--config.<field>` in `args`."""
+  found = []
+  for arg in _args_before_dashes(args):
+    m = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if m:
+      found.append((m.group(1), arg.split("=", 1)[0]))
+  return found
+
+
+def _exists(path: str, config: config_dict.ConfigDict,
+            paths: set[str]) -> bool:
+  if path in paths:
+    return True
+  if "[" not in path:  # Only indexed paths (a.b[0]) need a lookup.
+    return False
+  try:
+    config_path.get_value(path, config)
+  except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+    return False
+  return True
+
+
+def unknown_field_line(path: str, flag: str, config: config_dict.ConfigDict,
+                       paths: Sequence[str], source: str) -> str:
+  """The problem line of an override of a field the config lacks."""
+  node, known = config, []
+  for part in path.split(".")[:-1]:
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      break
+    node, known = node[part], known + [part]
+  where = ".".join(["config", *known])
+  if isinstance(node, config_dict.ConfigDict):
+    has = f"{where} has: {', '.join(sorted(node.keys())) or 'no fields'}"
+  else:
+    kind = type(node).__name__
+    has = (f"{where} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a "
+           "group of fields")
+  close = [p for p in paths if p.endswith("." + path)]
+  close += [p for p in difflib.get_close_matches(path, paths, n=3,
+                                                 cutoff=0.7)
+            if p not in close]
+  guess = ("; did you mean " + " or ".join(f"--config.{p}" for p in close[:3])
+           + "?" if close else "")
+  return f"{flag}: {source} has no field config.{path}{guess} ({has})"
+
+
+def check_overrides(args: Sequence[str], config: config_dict.ConfigDict,
+                    source: str) -> None:
+  """Raises `cli.UsageError` listing each override of an unknown field.
+
+  Args:
+    args: the command line without the program name.
+    config: the loaded config.
+    source: the config file, for the message.
+  """
+  paths = field_paths(config)
+  known = set(paths)
+  lines = [unknown_field_line(path, flag, config, paths, source)
+           for path, flag in overrides(args)
+           if not _exists(path, config, known)]
+  if len(lines) == 1:
+    raise cli.UsageError(lines[0])
+  if lines:
+    raise cli.UsageError("unknown config fields:\n  " + "\n  ".join(lines))
+
+
+def _allowed(path: str, config: config_dict.ConfigDict) -> str:
+  try:
+    kind = config_path.get_type(path, config)
+    current = config_path.get_value(path, config)
+  except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+    return ""
+  word = _TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind)))
+  return f"; allowed: {word} (the config has {current!r})"
+
+
+def flag_error_line(err: flags.Error,
+                    config: config_dict.ConfigDict | None) -> str:
+  """One line for an absl flag-parsing error, naming what is allowed."""
+  text = str(err)
+  m = re.match(r"flag --config\.([^=\s]+)=(.*?): (.*)$", text, re.S)
+  if m and config is not None:
+    path, value, reason = m.groups()
+    if "Non-boolean argument" in reason:  # absl's text is a tuple's repr.
+      reason = "not a boolean"
+    return (f"--config.{path}={value!r} is invalid: {reason}"
+            f"{_allowed(path, config)}")
+  if isinstance(err, flags.UnrecognizedFlagError):
+    return (f"{text}; {PROG} takes --config, --workdir, "
+            "--config.FIELD=VALUE and --verbose (see --help)")
+  return f"{text} (see --help)"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """Checks and parses the command line `argv` into absl's FLAGS.
+
+  Returns:
+    The arguments left after the flags (the program name first).
+
+  Raises:
+    cli.UsageError: any bad flag (see the module docstring).
+  """
+  args = list(argv[1:])
+  for name, what in (("config", "a config file such as configs/default.py"),
+                     ("workdir", "a directory for the run's outputs")):
+    if not flag_value(args, name):
+      raise cli.UsageError(f"--{name} is required: {what} (see --help)")
+  spec = flag_value(args, "config")
+  config = load_config(spec)
+  check_overrides(args, config, spec.partition(":")[0])
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as err:
+    raise cli.UsageError(flag_error_line(err, config)) from err
