@@ -199,8 +199,12 @@ def nf_resnet_imagenet(arg: str | None = None) -> config_dict.ConfigDict:
 
 
 def nfnet_finetune(arg: str | None = None) -> config_dict.ConfigDict:
-  """Fine-tunes a pretrained NFNet-F0 on another TFDS dataset, new head.
+  """Fine-tunes a pretrained NFNet-F0 on an image folder or TFDS dataset.
 
+  The dataset is set on the command line: `--config.dataset.name=
+  image_folder --config.dataset.data_dir=ROOT` for a folder of class
+  folders (see `data.image_folder`; its TRAIN_AND_VALID excludes the
+  evaluation images), or a TFDS name (default 'cifar10').
   Starts from an official `F0_haiku.npz` (or a converted `.npz`), replaces
   the 1000-way classifier for the dataset's classes, and trains all weights
   with the NFNet recipe at a small learning rate: batch 512, 10 epochs, lr
