@@ -413,3 +413,25 @@ def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(cache_dir,
   assert step < NUM_STEPS
   assert testing.checkpoint_steps(workdir)[-1] == step
   assert f'Checkpoint: step {step} in ' in proc.stderr
+
+
+def test_finetune_config_on_image_folder(folder, cache_dir, tmp_path):
+  """`configs/nfnet_finetune.py:smoke` with the two dataset flags: a new
+  3-way head on a (tiny, saved here) pretrained 1000-class model."""
+  path = os.path.join(testing.REPO, 'configs', 'nfnet_finetune.py')
+  pretrained = testing._tiny_pretrained(  # pylint: disable=protected-access
+      testing.load_config(path, 'smoke'), str(tmp_path / 'tiny.npz'))
+  workdir = str(tmp_path / 'w')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'nfnets_jax.train', f'--config={path}:smoke',
+       f'--workdir={workdir}', '--config.dataset.name=image_folder',
+       f'--config.dataset.data_dir={folder}',
+       f'--config.pretrained.path={pretrained}'],
+      cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert run_logging.read_metrics(workdir, 'eval')[-1]['count'] == 18
+  head = testing.load_checkpoint(workdir)['params']['NFNet/~/linear']['w']
+  assert head.shape[-1] == len(CLASSES)
+  with open(os.path.join(workdir, loop.CLASS_NAMES_FILE)) as f:
+    assert json.load(f) == list(CLASSES)
