@@ -72,8 +72,10 @@ def grayscale(image: np.ndarray) -> np.ndarray:
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
   """Stretches each channel linearly so its min maps to 0 and max to 255."""
-  lo = image.min(axis=(0, 1), keepdims=True).astype(np.float32)
-  hi = image.max(axis=(0, 1), keepdims=True).astype(np.float32)
+  # Channel-major copy: NumPy reduces contiguous rows ~50x faster.
+  channels = image.reshape(-1, image.shape[-1]).T.copy()
+  lo = channels.min(axis=1).astype(np.float32)
+  hi = channels.max(axis=1).astype(np.float32)
   scale = np.where(hi > lo, np.float32(255.0) / np.maximum(hi - lo, 1.0),
                    np.float32(1.0))
   offset = np.where(hi > lo, -lo * scale, np.float32(0.0))
@@ -174,17 +176,23 @@ def project(image: np.ndarray, transform: tuple[float, ...]) -> np.ndarray:
   """
   a0, a1, a2, b0, b1, b2 = np.asarray(transform, np.float32)
   height, width = image.shape[:2]
-  y, x = np.mgrid[:height, :width].astype(np.float32)
+  x = np.arange(width, dtype=np.float32)
+  y = np.arange(height, dtype=np.float32)[:, None]
   # float32 step by step, in the kernel's order (no fused multiply-add).
-  in_x = ((a0 * x + a1 * y) + a2).astype(np.float64)
-  in_y = ((b0 * x + b1 * y) + b2).astype(np.float64)
-  col = np.trunc(in_x + np.copysign(0.5, in_x))
-  row = np.trunc(in_y + np.copysign(0.5, in_y))
+  col = _round_half_away((a0 * x + a1 * y) + a2)
+  row = _round_half_away((b0 * x + b1 * y) + b2)
   inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
-  out = np.full_like(image, FILL_VALUE)
-  out[inside] = image[row[inside].astype(np.int64),
-                      col[inside].astype(np.int64)]
-  return out
+  # The pixels, then one grey pixel that every outside read takes.
+  pixels = np.concatenate([image.reshape(height * width, -1), np.full(
+      (1, image.shape[-1]), FILL_VALUE, image.dtype)])
+  index = np.where(inside, row * width + col, height * width)
+  return np.take(pixels, index, axis=0).reshape(image.shape)
+
+
+def _round_half_away(values: np.ndarray) -> np.ndarray:
+  """`std::round` of float32 values, as int64 (exact in float64)."""
+  values = values.astype(np.float64)
+  return np.trunc(values + np.copysign(0.5, values)).astype(np.int64)
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
