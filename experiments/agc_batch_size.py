@@ -339,4 +339,4 @@ of it compiling); jax {jax.__version__}."""
 
 
 if __name__ == "__main__":
-  main()
+  common.run_command(MODULE, main)

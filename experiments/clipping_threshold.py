@@ -341,4 +341,4 @@ of it compiling); jax {jax.__version__}."""
 
 
 if __name__ == "__main__":
-  main()
+  common.run_command(MODULE, main)

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import tqdm
 
+from nfnets_jax import cli
+
 RESULTS_DIR = pathlib.Path("results")
 MISSING = "—"  # Printed where a reference gives no number.
 
@@ -35,9 +37,48 @@ def make_parser(module: str, description: str) -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="small fast run (what the tests use)")
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR,
+  parser.add_argument("--out", type=out_dir, default=RESULTS_DIR,
                       help="output directory (default: results/)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (or set "
+                      f"{cli.VERBOSE_ENV}=1)")
   return parser
+
+
+def out_dir(value: str) -> pathlib.Path:
+  """`--out`: checked before the run, which may take minutes."""
+  path = pathlib.Path(value)
+  if path.exists() and not path.is_dir():
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is a file; allowed: a directory, or a path to create one")
+  return path
+
+
+def positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+  """An argparse type: `kind(value)` > 0, else a message naming the value."""
+  def parse(value: str) -> T:
+    try:
+      number = kind(value)
+    except ValueError:
+      number = None
+    if number is None or not number > 0:
+      raise argparse.ArgumentTypeError(
+          f"{value!r} is invalid; allowed: a positive {kind.__name__}")
+    return number
+  parse.__name__ = f"positive {kind.__name__}"
+  return parse
+
+
+def run_command(module: str, main: Callable[[], Any]) -> None:
+  """Runs a script's `main()` as a command and exits.
+
+  Bad input (arguments, files, data) ends with one `python -m MODULE:
+  error: ...` line and exit status 2 (`nfnets_jax.cli.guard`).
+  """
+  def command() -> int:
+    main()
+    return 0
+  sys.exit(cli.guard(f"python -m {module}", command))
 
 
 def command(module: str, argv: Sequence[str] | None) -> str:

@@ -170,4 +170,4 @@ differs from `gelu`'s by the amount in the table."""
 
 
 if __name__ == "__main__":
-  main()
+  common.run_command(MODULE, main)

@@ -233,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-  main()
+  common.run_command(MODULE, main)

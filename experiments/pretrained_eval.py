@@ -745,8 +745,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (OSError, ValueError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+  common.run_command(MODULE, main)

@@ -51,6 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
+from nfnets_jax import cli  # noqa: E402
 from nfnets_jax import nf_resnet  # noqa: E402
 from nfnets_jax import resnet  # noqa: E402
 from nfnets_jax import signal_propagation as sp  # noqa: E402
@@ -281,9 +282,15 @@ SUMMARY_COLUMNS = [
 
 def parse_config(args: Any) -> SPPConfig:
   base = QUICK if args.quick else FULL
-  depths = base.depths if args.depth is None else resnet.get_depths(
-      int(args.depth) if args.depth.isdigit()
-      else tuple(int(d) for d in args.depth.split(",")))
+  try:
+    depths = base.depths if args.depth is None else resnet.get_depths(
+        int(args.depth) if args.depth.isdigit()
+        else tuple(int(d) for d in args.depth.split(",")))
+  except ValueError as err:
+    raise cli.UsageError(
+        f"--depth={args.depth!r} is invalid ({err}); allowed: a ResNet depth"
+        f" ({', '.join(map(str, sorted(resnet.RESNET_DEPTHS)))}) or blocks "
+        "per stage, e.g. '4,4'") from err
   return dataclasses.replace(
       base, depths=tuple(depths),
       width=base.width if args.width is None else args.width,
@@ -303,11 +310,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--depth", default=None,
                       help="a ResNet depth (288, 600) or per-stage blocks "
                       "'24,24,24,24' (default 600; --quick 4,4)")
-  parser.add_argument("--width", type=float, default=None,
+  parser.add_argument("--width", type=common.positive(float), default=None,
                       help="stage width multiplier (default 1; quick 0.5)")
-  parser.add_argument("--image-size", type=int, default=None,
+  parser.add_argument("--image-size", type=common.positive(int),
+                      default=None,
                       help="input size (default 128; quick 32)")
-  parser.add_argument("--batch", type=int, default=None,
+  parser.add_argument("--batch", type=common.positive(int), default=None,
                       help="batch size (default 16; quick 8)")
   parser.add_argument("--jit", action=argparse.BooleanOptionalAction,
                       default=None, help="one program per model (default: "
@@ -374,4 +382,4 @@ correct."""
 
 
 if __name__ == "__main__":
-  main()
+  common.run_command(MODULE, main)

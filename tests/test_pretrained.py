@@ -306,13 +306,13 @@ def test_convert_cli(tmp_path, capsys):
   assert "classes=10" in capsys.readouterr().out
   # An explicit variant that does not fit fails with the mismatch listing.
   assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "x"),
-                          "--variant", "F0"]) == 1
+                          "--variant", "F0"]) == 2
   err = capsys.readouterr().err
   assert "does not match NFNet variant='F0'" in err and "missing" in err
   assert not (tmp_path / "x.npz").exists()
   # So does an unsafe file, without running it.
   src.write_bytes(pickle.dumps(_Exploit(os.system, "true")))
-  assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "y")]) == 1
+  assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "y")]) == 2
   assert "refusing to unpickle global posix.system" in capsys.readouterr().err
 
 

@@ -127,5 +127,5 @@ def test_cli_exit_code_and_locked_config(tmp_path):
   proc = subprocess.run(base + ["--config.train.global_batchsize=8"],
                         env=env, capture_output=True, text=True, timeout=120,
                         check=False)
-  assert proc.returncode != 0
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert "global_batchsize" in proc.stderr
