@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import portpicker
 import pytest
 
 from nfnets_jax.experiment import checkpointing
@@ -280,6 +282,16 @@ def test_checksum_covers_dtype_shape_and_bytes():
       checkpointing.array_checksum(x.reshape(2, 3)))
 
 
+def test_step_that_cannot_be_moved_stops_the_restore(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _write(directory)
+  flip_array_bytes(os.path.join(directory, "3"), _noise(3))
+  (tmp_path / "checkpoints_corrupt").write_text("a file, not a directory")
+  with pytest.raises(OSError, match="cannot move corrupt checkpoint step 3"):
+    _restore_newest(directory)
+  assert checkpointing.checkpoint_steps(directory) == [1, 2, 3]
+
+
 # End to end: damaged copies of the reference run's checkpoints.
 
 
@@ -355,3 +367,42 @@ def test_all_steps_corrupt_exit_2(reference_run, cache_dir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == [
       "2", "4"]
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_two_processes_agree_on_the_step(reference_run, cache_dir,
+                                         tmp_path):
+  """Two `jax.distributed` processes: both reject the damaged step 10, and
+  process 0 alone moves it; both resume from step 8 like one process."""
+  workdir = str(tmp_path / "run")
+  checkpoints = _copy_checkpoints(reference_run, workdir, (8, 10))
+  flip_in_largest_file(os.path.join(checkpoints, "10"))
+  port = portpicker.pick_unused_port()
+  procs = [
+      subprocess.Popen(
+          testing.train_command(
+              workdir, "--config.distributed.initialize=True",
+              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2",
+              f"--config.distributed.process_id={i}"),
+          cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=400))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, (_, stderr) in zip(procs, outputs):
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "checkpoint step 10 is corrupt" in stderr
+  assert "resumed from step 8 " in outputs[0][0]
+  assert os.listdir(os.path.join(workdir, "checkpoints_corrupt")) == ["10"]
+  losses = testing.train_losses(workdir)
+  expected = testing.train_losses(reference_run)
+  assert sorted(losses) == [9, 10, 11, 12]
+  for step in losses:
+    np.testing.assert_allclose(losses[step], expected[step], rtol=1e-5,
+                               err_msg=f"step {step}")

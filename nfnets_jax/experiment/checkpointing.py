@@ -364,19 +364,26 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str:
     """Moves a step out of orbax's sight; returns where (same everywhere)."""
-    dest = None
+    moved = {"dest": None, "error": None}
     if parallel.is_host0():
-      os.makedirs(self.set_aside_dir, exist_ok=True)
       dest = os.path.join(self.set_aside_dir, str(step))
       n = 1
       while os.path.exists(dest):  # Set aside before: keep both.
         dest = os.path.join(self.set_aside_dir, f"{step}.{n}")
         n += 1
-      os.rename(self._step_dir(step), dest)
+      try:
+        os.makedirs(self.set_aside_dir, exist_ok=True)
+        os.rename(self._step_dir(step), dest)
+        moved["dest"] = dest
+      except OSError as err:  # Reported by every process, below.
+        moved["error"] = f"{type(err).__name__}: {err}"
     # Also the barrier: no process reloads before process 0 has moved it.
-    dest = parallel.allgather_json(dest)[0]
+    moved = parallel.allgather_json(moved)[0]
+    if moved["error"]:
+      raise OSError(f"cannot move corrupt checkpoint step {step} out of "
+                    f"{self.directory}: {moved['error']}")
     self._manager.reload()
-    return dest
+    return moved["dest"]
 
   def wait(self) -> None:
     """Blocks until queued saves are on disk."""
