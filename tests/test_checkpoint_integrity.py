@@ -25,8 +25,11 @@ from nfnets_jax.experiment import train_state as ts
 import train_harness as testing
 
 # A failed orbax read leaves coroutines that are never awaited.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:coroutine .* was never awaited:RuntimeWarning")]
 
 
 def _state(step: int, width: int = 3000) -> ts.TrainState:
