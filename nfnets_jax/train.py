@@ -53,7 +53,7 @@ def _main(argv: list[str]) -> int:
   try:
     loop.run(config)
   except config_validation.ConfigError as err:
-    print(f"nfnets-train: {err}", file=sys.stderr)
+    cli.report(PROG, err, verbose=cli.verbose_requested())
     return EXIT_BAD_CONFIG
   except loop.NonFiniteLossError as err:
     print(f"nfnets-train: {err}", file=sys.stderr)

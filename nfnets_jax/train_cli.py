@@ -172,9 +172,14 @@ def load_config(spec: str) -> config_dict.ConfigDict:
   """
   path, colon, arg = spec.partition(":")
   if not os.path.isfile(path):
-    hint = "; ".join(config_listing(["--config", spec])[:1])
+    found = {d: [name for name, _ in config_docs(d)]
+             for d in (os.path.dirname(path) or os.curdir, CONFIGS_DIR)
+             if os.path.isdir(d)}
+    hint = "; ".join(f"in {os.path.join(d, '')}: {', '.join(names)}"
+                     for d, names in found.items() if names)
     raise cli.UsageError(f"--config={spec}: no such config file {path!r} "
-                         f"(allowed: a config file; {hint})")
+                         f"(allowed: a config file{'; ' if hint else ''}"
+                         f"{hint or ''})")
   module_spec = importlib.util.spec_from_file_location(
       "nfnets_train_config", path)
   module = importlib.util.module_from_spec(module_spec)
