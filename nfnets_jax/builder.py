@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfnets_jax import exporting
+from nfnets_jax import fast_compile
 from nfnets_jax import models
 from nfnets_jax import param_checks
 from nfnets_jax import pretrained as pretrained_lib
@@ -49,6 +50,8 @@ FORMATS = ("official", "npz", "timm", "workdir", "exported")
 CLASS_NAMES_FILE = "class_names.json"
 _ZIP_MAGIC = b"PK\x03\x04"
 _CLASSIFIER_STDDEV = 0.01  # As every family's default `fc_init`.
+# Input side for tracing and initializing: no family's params depend on it.
+_TRACE_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,22 +323,36 @@ def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int
   return hk.transform_with_state(forward)
 
 
-def _shapes(net: hk.TransformedWithState, size: int
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Param and state shapes of `net` (`jax.eval_shape`: nothing runs)."""
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  params, state = jax.eval_shape(
-      lambda x: net.init(jax.random.PRNGKey(0), x, is_training=False), images)
-  as_shapes = lambda tree: {m: {n: tuple(v.shape) for n, v in leaves.items()}
-                            for m, leaves in tree.items()}
-  return as_shapes(params), as_shapes(state)
+_SHAPES_CACHE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def model_shapes(family: str, kwargs: Mapping[str, Any], num_classes: int,
+                 size: int = _TRACE_SIZE
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Param and state shapes `{module: {name: shape}}` of a model.
+
+  Traced with `jax.eval_shape` (nothing runs) and cached.
+  """
+  key = repr((family, sorted(kwargs.items()), num_classes, size))
+  if key not in _SHAPES_CACHE:
+    net = make_network(family, kwargs, num_classes)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    # Training mode: BatchNorm creates its moving averages only there.
+    params, state = jax.eval_shape(
+        lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True),
+        images)
+    as_shapes = lambda tree: {
+        m: {n: tuple(v.shape) for n, v in leaves.items()}
+        for m, leaves in tree.items()}
+    _SHAPES_CACHE[key] = as_shapes(params), as_shapes(state)
+  return _SHAPES_CACHE[key]
 
 
 def classifier_names(family: str, kwargs: Mapping[str, Any],
-                     size: int = 64) -> list[tuple[str, str]]:
+                     size: int = _TRACE_SIZE) -> list[tuple[str, str]]:
   """The `(module, param)` names whose shapes depend on `num_classes`."""
-  one, _ = _shapes(make_network(family, kwargs, 1), size)
-  two, _ = _shapes(make_network(family, kwargs, 2), size)
+  one, _ = model_shapes(family, kwargs, 1, size)
+  two, _ = model_shapes(family, kwargs, 2, size)
   return sorted((m, n) for m, leaves in one.items() for n, s in leaves.items()
                 if two.get(m, {}).get(n) != s)
 
@@ -350,15 +367,30 @@ def checkpoint_classes(params: Mapping[str, Mapping[str, Any]],
   return None
 
 
-def _new_classifier(params: Mapping[str, Mapping[str, Any]],
-                    want: Mapping[str, Mapping[str, tuple[int, ...]]],
-                    head: Sequence[tuple[str, str]], seed: int
-                    ) -> dict[str, dict[str, Any]]:
-  """Params with the classifier re-initialized at `want`'s shapes.
+def replace_classifier(params: Mapping[str, Mapping[str, Any]], family: str,
+                       kwargs: Mapping[str, Any], num_classes: int, *,
+                       seed: int = 0, size: int = _TRACE_SIZE
+                       ) -> dict[str, dict[str, Any]]:
+  """Params with a new classifier for `num_classes`, for fine-tuning.
 
-  Weights N(0, 0.01) (the families' default `fc_init`), biases zero; every
-  other leaf is shared.
+  The classifier is every leaf whose shape depends on the class count
+  (`classifier_names`): weights N(0, 0.01) (the families' default
+  `fc_init`), biases zero; every other leaf is shared, not copied.
+
+  Args:
+    params: `{module: {param: array}}` of `family(**kwargs)`.
+    family, kwargs: the model (a `models.MODELS` key and its arguments).
+    num_classes: the new class count.
+    seed: PRNG seed of the new weights.
+    size: input side for tracing the model's shapes.
+
+  Raises:
+    ValueError: num_classes < 1.
   """
+  if num_classes < 1:
+    raise ValueError(f"num_classes={num_classes} must be >= 1")
+  head = classifier_names(family, kwargs, size)
+  want, _ = model_shapes(family, kwargs, num_classes, size)
   new = {m: dict(leaves) for m, leaves in params.items()}
   rng = jax.random.PRNGKey(seed)
   for k, (m, n) in enumerate(head):
@@ -406,7 +438,7 @@ def create_model(name: str | None = None, *,
     raise ValueError(f"create_model: no model name given and none can be "
                      f"inferred{where}; pass one of nfnets_jax.list_models()")
   kwargs = {**spec.kwargs, **model_kwargs}
-  size = spec.data.test_size
+  size = _TRACE_SIZE
   head = classifier_names(spec.family, kwargs, size)
   have = None if ckpt is None else checkpoint_classes(ckpt.params, head)
   base_classes = have or spec.num_classes
@@ -417,12 +449,11 @@ def create_model(name: str | None = None, *,
   target = f"model {spec.name!r} ({spec.family}, {kwargs}"
   if ckpt is None:
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params, state = jax.jit(lambda x: net.init(
-        jax.random.PRNGKey(seed), x, is_training=False))(images)
+    params, state = fast_compile.run_once(lambda x: net.init(
+        jax.random.PRNGKey(seed), x, is_training=True), images)
     label_names = imagenet_label_names() if classes == 1000 else None
   else:
-    want, want_state = _shapes(make_network(spec.family, kwargs,
-                                            base_classes), size)
+    want, want_state = model_shapes(spec.family, kwargs, base_classes, size)
     param_checks.compare_shapes(
         ckpt.params, want, source=f"checkpoint {ckpt.path}",
         target=f"{target}, num_classes={base_classes})")
@@ -433,7 +464,8 @@ def create_model(name: str | None = None, *,
     params, state = ckpt.params, ckpt.state
     label_names = ckpt.label_names
     if classes != base_classes:
-      params = _new_classifier(params, _shapes(net, size)[0], head, seed)
+      params = replace_classifier(params, spec.family, kwargs, classes,
+                                  seed=seed, size=size)
       label_names = None
     elif label_names is None and classes == 1000:
       label_names = imagenet_label_names()

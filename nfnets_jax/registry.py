@@ -187,8 +187,10 @@ def get_spec(name: str) -> ModelSpec:
   """
   spec = REGISTRY.get(str(name).lower())
   if spec is None:
-    close = difflib.get_close_matches(str(name).lower(), REGISTRY, n=5,
-                                      cutoff=0.6)
+    ratio = lambda n: difflib.SequenceMatcher(None, str(name).lower(),
+                                              n).ratio()
+    close = sorted((n for n in REGISTRY if ratio(n) >= 0.6),
+                   key=lambda n: (-ratio(n), n))[:5]
     hint = (f"did you mean {', '.join(map(repr, close))}? " if close else "")
     raise ValueError(f"model name {name!r} is unknown; {hint}all names: "
                      "nfnets_jax.list_models() (nfnet_f0 ... nfnet_f7+, "

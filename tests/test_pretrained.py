@@ -465,6 +465,11 @@ def test_timm_conversion_errors():
 @pytest.fixture(scope="module")
 def timm_f0():
   """A perturbed random dm_nfnet_f0, its converted params, and a forward."""
+  return perturbed_timm_f0()
+
+
+def perturbed_timm_f0():
+  """`timm_f0` as a plain function (other test modules use it)."""
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
   torch.manual_seed(0)

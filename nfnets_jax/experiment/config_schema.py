@@ -94,6 +94,11 @@ def base_config() -> config_dict.ConfigDict:
       },
       "pretrained": {
           "path": _placeholder(str),
+          # The registry name (`nfnets_jax.list_models()`) of the model the
+          # checkpoint was trained as; None: inferred from its format
+          # (timm's files: dm_nfnet_*, official and .npz: nfnet_*). Its
+          # forward kwargs must be config.model's (validated).
+          "model": _placeholder(str),
           "reinit_head": True,
       },
       "logging": {

@@ -222,12 +222,63 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
   p.check(bool(config.workdir), "workdir", config.workdir,
           "a directory path (--workdir)")
   if config.pretrained.path:
-    p.check(os.path.exists(config.pretrained.path), "pretrained.path",
-            config.pretrained.path, "an existing checkpoint file")
+    if p.check(os.path.exists(config.pretrained.path), "pretrained.path",
+               config.pretrained.path,
+               "an existing checkpoint file or nfnets-train workdir"):
+      _check_pretrained_model(config, p)
   try:
     parallel.wants_distributed(config.distributed)
   except ValueError as err:
     p.add(str(err))
+
+
+def _check_pretrained_model(config: Any, p: _Problems) -> None:
+  """The checkpoint's model definition must be config.model's forward.
+
+  `pretrained.model` (a registry name) or, unset, the file's format says
+  which definition the weights were trained as: timm's `dm_nfnet_*` (eps
+  added to the weight variance, exact GELU) or the official one. NFNet
+  kwargs that differ are named with the flags that fix them.
+  """
+  # pylint: disable=g-import-not-at-top
+  from nfnets_jax import builder
+  from nfnets_jax import registry
+  from nfnets_jax import timm_weights
+  path, name = config.pretrained.path, config.pretrained.model
+  kind = builder.detect_format(path)
+  if kind == "exported":
+    p.add(_fmt("pretrained.path", path, "a checkpoint with params (this is "
+               "an exported model)"))
+    return
+  if name is not None:
+    try:
+      spec = registry.get_spec(name)
+    except ValueError as err:
+      p.add(f"config.pretrained.model: {err}")
+      return
+    if not p.check(spec.family == config.model.name, "pretrained.model", name,
+                   f"a model of family config.model.name="
+                   f"{config.model.name!r} ({name} is a {spec.family})"):
+      return
+    forward = {k: spec.kwargs[k] for k in timm_weights.TIMM_NFNET_KWARGS
+               if k in spec.kwargs}
+    what = f"config.pretrained.model={name!r}"
+  elif kind == "timm" and config.model.name == "NFNet":
+    forward, what = timm_weights.TIMM_NFNET_KWARGS, "a timm dm_nfnet_* file"
+  else:
+    return
+  kwargs = config.model.kwargs.to_dict()
+  defaults = timm_weights.OFFICIAL_NFNET_KWARGS  # The NFNet defaults.
+  differ = {k: v for k, v in forward.items()
+            if kwargs.get(k, defaults[k]) != v}
+  if differ:
+    p.add(f"config.pretrained.path={path!r} is {what}, whose forward needs "
+          + " ".join(f"--config.model.kwargs.{k}={v}"
+                     for k, v in differ.items())
+          + " (config.model.kwargs has "
+          + ", ".join(f"{k}={kwargs.get(k, defaults[k])!r}" for k in differ)
+          + "); or set --config.pretrained.model to the definition to "
+          "fine-tune it as (e.g. nfnet_f0: the official one)")
 
 
 def _dataset_spec(config: Any, p: _Problems) -> data_lib.DatasetInfo | None:

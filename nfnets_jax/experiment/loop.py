@@ -123,15 +123,23 @@ def build(config: Any, spec: config_validation.RunSpec,
 
 def initial_state(config: Any, spec: config_validation.RunSpec,
                   c: Components) -> TrainState:
-  """A fresh host state, from the seed or from a pretrained checkpoint."""
+  """A fresh host state, from the seed or from a pretrained checkpoint.
+
+  `config.pretrained.path` may be any checkpoint `nfnets_jax.create_model`
+  reads (official pickle, `.npz`, timm `.safetensors`/`.pth`, a workdir's
+  newest EMA weights); `reinit_head` gives it a new classifier for the
+  dataset's classes.
+  """
   params = model_state = None
   if config.pretrained.path:
     # Imported here: only the fine-tuning configs need it.
-    from nfnets_jax import pretrained  # pylint: disable=g-import-not-at-top
-    params, model_state = pretrained.load_pretrained(config.pretrained.path)
+    from nfnets_jax import builder  # pylint: disable=g-import-not-at-top
+    ckpt = builder.load_checkpoint(config.pretrained.path)
+    params, model_state = ckpt.params, ckpt.state
     if config.pretrained.reinit_head:
-      head_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-      params = pretrained.replace_head(params, spec.num_classes, head_key)
+      params = builder.replace_classifier(
+          params, config.model.name, config.model.kwargs.to_dict(),
+          spec.num_classes, seed=config.seed + 1)
     _check_pretrained_shapes(c.net, config, params)
   return ts.init_train_state(
       c.net, c.tx, seed=config.seed, image_size=config.train.image_size,
@@ -141,18 +149,21 @@ def initial_state(config: Any, spec: config_validation.RunSpec,
 
 def _check_pretrained_shapes(net: hk.TransformedWithState, config: Any,
                              params: hk.Params) -> None:
+  """Raises `ParamsMismatchError` naming every param that does not fit."""
+  from nfnets_jax import param_checks  # pylint: disable=g-import-not-at-top
   size = config.train.image_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
   expected, _ = jax.eval_shape(
       lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True), images)
-  want = jax.tree.map(lambda x: tuple(x.shape), expected)
-  got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-  if want != got:
-    raise ValueError(
-        f"config.pretrained.path={config.pretrained.path!r} does not match "
-        f"config.model ({config.model.name}, {config.model.kwargs.to_dict()})"
-        ": parameter shapes differ (set the model kwargs of the pretrained "
-        "network, and pretrained.reinit_head=True for a new label set)")
+  want = {m: {n: tuple(v.shape) for n, v in leaves.items()}
+          for m, leaves in expected.items()}
+  param_checks.compare_shapes(
+      params, want, source=f"config.pretrained.path="
+      f"{config.pretrained.path!r}",
+      target=f"config.model ({config.model.name}, "
+      f"{config.model.kwargs.to_dict()}; set the model kwargs of the "
+      "pretrained network, and pretrained.reinit_head=True for a new label "
+      "set)")
 
 
 def restore_or_init(config: Any, spec: config_validation.RunSpec,

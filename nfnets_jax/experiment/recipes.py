@@ -22,6 +22,7 @@ from ml_collections import config_dict
 
 from nfnets_jax import nf_regnet
 from nfnets_jax import nfnet
+from nfnets_jax import timm_weights
 from nfnets_jax.experiment import config_schema
 
 IMAGENET = "imagenet2012"
@@ -219,7 +220,11 @@ def nfnet_finetune(arg: str | None = None) -> config_dict.ConfigDict:
   config.dataset.eval_split = "test"
   config.dataset.num_workers = 8
   config.pretrained.path = "F0_haiku.npz"
+  config.pretrained.model = None  # From the file: nfnet_f0 / dm_nfnet_f0.
   config.pretrained.reinit_head = True
+  # The forward of the official weights; timm's need TIMM_NFNET_KWARGS
+  # (`--config.model.kwargs.activation=gelu_exact` ..., see validation).
+  config.model.kwargs.update(timm_weights.OFFICIAL_NFNET_KWARGS)
   config.model.kwargs.stochdepth_rate = 0.1
   t = config.train
   t.global_batch_size = 512
