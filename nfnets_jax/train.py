@@ -6,8 +6,10 @@ r"""Trains and evaluates an NFNet experiment described by a config file.
     python -m nfnets_jax.train --config configs/nfnet_f3.py:smoke --workdir w
 
 `--config.<field>=<value>` overrides any field (the config is locked, so a
-misspelt field fails); `:smoke` after a config path selects its one-step,
-tiny-model variant. Running again with the same workdir resumes from its
+misspelt field fails, naming the closest fields); `:smoke` after a config
+path selects its one-step, tiny-model variant. `--help` lists the flags, the
+common overrides and the configs found; bad input is one message (exit 2),
+with the traceback under `--verbose` or `NFNETS_VERBOSE=1`. Running again with the same workdir resumes from its
 newest checkpoint. Exit status: 0 done, 2 invalid config or an image that
 cannot be decoded (a checkpoint was saved), 3 non-finite loss, 130
 interrupted (a checkpoint was saved).

@@ -280,7 +280,12 @@ def _allowed(path: str, config: config_dict.ConfigDict) -> str:
     current = config_path.get_value(path, config)
   except (KeyError, AttributeError, IndexError, TypeError, ValueError):
     return ""
-  word = _TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind)))
+  if isinstance(current, config_dict.ConfigDict):
+    current = current.to_dict()
+    word = (f"a dict literal such as \"{{'key': 1}}\", or one field at a "
+            f"time: --config.{path}.FIELD=VALUE")
+  else:
+    word = _TYPE_WORDS.get(kind, getattr(kind, "__name__", str(kind)))
   return f"; allowed: {word} (the config has {current!r})"
 
 

@@ -86,6 +86,11 @@ CASES = (
          _train("--config.train.augment.flip=maybe"),
          ("--config.train.augment.flip='maybe' is invalid: not a boolean; "
           "allowed: true or false",)),
+    Case("group_type", "`--config.model.kwargs.variant=F1` (a group there)",
+         _train("--config.model.kwargs.variant=F1"),
+         ("--config.model.kwargs.variant='F1' is invalid",
+          "allowed: a dict literal", "--config.model.kwargs.variant.FIELD=",
+          "(the config has {'depth': (1, 1, 1)")),
     Case("bad_value", "`--config.train.global_batch_size=0`",
          _train("--config.train.global_batch_size=0"),
          ("config.train.global_batch_size=0 is invalid; allowed: a positive "
