@@ -57,7 +57,6 @@ import pathlib
 import re
 import sys
 import time
-import types
 from typing import Any
 
 if __package__ in (None, ""):  # Run as `python experiments/pretrained_eval.py`.
@@ -69,15 +68,16 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax import convert_checkpoint  # noqa: E402
+from nfnets_jax import builder  # noqa: E402
 from nfnets_jax import data  # noqa: E402
 from nfnets_jax import nfnet  # noqa: E402
+from nfnets_jax import param_checks  # noqa: E402
 from nfnets_jax import pretrained  # noqa: E402
+from nfnets_jax import timm_weights  # noqa: E402
 from nfnets_jax.experiment import checkpointing  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
-from nfnets_jax.experiment import train_state  # noqa: E402
 
 MODULE = "experiments.pretrained_eval"
 SOURCES = ("auto", "official", "timm", "workdir")
@@ -141,10 +141,9 @@ class LoadedModel:
                for v in leaves.values())
 
   def network(self) -> hk.TransformedWithState:
-    """`train_state.make_network` of this model."""
-    config = types.SimpleNamespace(name=self.model_name,
-                                   kwargs=dict(self.model_kwargs))
-    return train_state.make_network(config, self.num_classes)
+    """This model's network, in `nfnets-train`'s form."""
+    return builder.make_network(self.model_name, self.model_kwargs,
+                                self.num_classes)
 
 
 # ----------------------------------------------------------------------------
@@ -213,8 +212,8 @@ def variant_label(variant: Any) -> str:
 
 def _load_params_file(path: str, source: str) -> pretrained.Params:
   if source == "timm":
-    params, _ = pretrained.from_timm_state_dict(
-        convert_checkpoint.load_timm_file(path))
+    params, _ = timm_weights.from_timm_state_dict(
+        timm_weights.load_timm_file(path))
   else:
     params, _ = pretrained.load_pretrained(path)
   return params
@@ -286,23 +285,13 @@ def _run_final_eval(workdir: str, step: int) -> dict[str, float] | None:
 
 
 def _check_shapes(model: LoadedModel, where: str) -> None:
-  """Raises ValueError when the params do not fit the model's network."""
-  size = model.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
-  expected, _ = jax.eval_shape(
-      lambda x: model.network().init(jax.random.PRNGKey(0), x,
-                                     is_training=False), images)
-  want = {f"{m}/{n}": tuple(v.shape) for m, leaves in expected.items()
-          for n, v in leaves.items()}
-  got = {f"{m}/{n}": tuple(np.shape(v)) for m, leaves in model.params.items()
-         for n, v in leaves.items()}
-  if want != got:
-    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    raise ValueError(
-        f"{where}: params do not fit {model.model_name}"
-        f"({dict(model.model_kwargs)}, num_classes={model.num_classes}); "
-        "first differences (name: checkpoint vs model): "
-        + "; ".join(f"{k}: {got.get(k)} vs {want.get(k)}" for k in diff[:8]))
+  """Raises `ParamsMismatchError` when the params do not fit the network."""
+  want, _ = builder.model_shapes(model.model_name, model.model_kwargs,
+                                 model.num_classes, model.image_size)
+  param_checks.compare_shapes(
+      model.params, want, source=where,
+      target=f"{model.model_name}({dict(model.model_kwargs)}, "
+      f"num_classes={model.num_classes})")
 
 
 def load_workdir(workdir: str, *, step: int | None = None,
@@ -311,7 +300,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
   """Loads the raw and/or EMA params of an `nfnets-train` workdir.
 
   The model and the evaluation geometry come from the run's config.json,
-  the params from its orbax checkpoint (`checkpointing.read_state`).
+  the params from its orbax checkpoint (`builder.load_workdir`).
 
   Args:
     workdir: the run's --workdir.
@@ -336,7 +325,6 @@ def load_workdir(workdir: str, *, step: int | None = None,
   if step not in steps:
     raise ValueError(f"--step={step} is not a checkpoint of {workdir!r}; "
                      f"available: {steps}")
-  state = checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
   if num_classes is None:
     num_classes = data.dataset_info(config.dataset.name,
                                     config.dataset.data_dir).num_classes
@@ -344,8 +332,8 @@ def load_workdir(workdir: str, *, step: int | None = None,
   models = []
   for label in which:
     prefix = "" if label == "raw" else "ema_"
-    params = state.get(f"{prefix}params")
-    if not params:
+    ckpt = builder.load_workdir(workdir, step=step, use_ema=label == "ema")
+    if ckpt.ema != (label == "ema"):
       if label == "ema" and "raw" in which:
         continue  # The run kept no EMA: evaluate the raw params only.
       raise ValueError(f"{workdir!r} step {step} has no {label} params")
@@ -356,8 +344,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
                      "loss": final[f"{prefix}loss"], "step": step}
     kwargs = config.model.kwargs.to_dict()
     model = LoadedModel(
-        label=label, params=params,
-        model_state=state.get(f"{prefix}model_state") or {},
+        label=label, params=ckpt.params, model_state=ckpt.state,
         model_name=config.model.name, model_kwargs=kwargs,
         num_classes=num_classes,
         variant=(variant_label(kwargs["variant"])

@@ -472,8 +472,8 @@ def test_bad_workdirs(workdir, tmp_path):
       run(tmp_path, str(root), "--step", "7")
     with pytest.raises(ValueError, match=r"--params='raw,best'"):
       run(tmp_path, str(root), "--params", "raw,best")
-    with pytest.raises(ValueError, match=r"\(raw params\): params do not "
-                       r"fit.*num_classes=1000"):
+    with pytest.raises(ValueError, match=r"\(raw params\) does not match "
+                       r"NFNet.*num_classes=1000"):
       run(tmp_path, str(root), "--dataset", "imagenet2012")
 
 

@@ -331,6 +331,14 @@ def finetune_config(path, **pretrained_fields):
   return config
 
 
+def forward_problems(config):
+  """The lines `config_validation` finds about the pretrained definition."""
+  # pylint: disable=protected-access
+  problems = config_validation._Problems()
+  config_validation._check_pretrained_model(config, problems)
+  return problems.lines
+
+
 def test_finetune_from_timm_file_needs_timms_forward(timm_f0):
   _, path, _, _ = timm_f0
   with pytest.raises(config_validation.ConfigError,
@@ -342,14 +350,11 @@ def test_finetune_from_timm_file_needs_timms_forward(timm_f0):
   config = finetune_config(path)
   config.model.kwargs.update(timm_weights.TIMM_NFNET_KWARGS)
   # Only the forward is checked here (the smoke model is tiny, F0 is not).
-  problems = config_validation._Problems()  # pylint: disable=protected-access
-  config_validation._check_pretrained_model(config, problems)  # pylint: disable=protected-access
-  assert not problems.lines
+  assert not forward_problems(config)
   # Fine-tuning timm's weights with the official definition: allowed.
-  problems = config_validation._Problems()  # pylint: disable=protected-access
-  config_validation._check_pretrained_model(  # pylint: disable=protected-access
-      finetune_config(path, model="nfnet_f0"), problems)
-  assert not problems.lines
+  assert not forward_problems(finetune_config(path, model="nfnet_f0"))
+  assert "family config.model.name='NFNet'" in forward_problems(
+      finetune_config(path, model="resnet50"))[0]
   with pytest.raises(config_validation.ConfigError,
                      match="pretrained.model.*did you mean 'dm_nfnet_f0'"):
     config_validation.validate(finetune_config(path, model="dm_nfnet_f0x"))
