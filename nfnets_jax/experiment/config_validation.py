@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 from typing import Any
 
 import haiku as hk
@@ -169,10 +170,12 @@ def _check_sizes(config: Any, p: _Problems) -> None:
             and t.global_batch_size % need == 0, "train.global_batch_size",
             t.global_batch_size,
             f"a positive multiple of {need} (the number of devices, "
-            f"{devices}, and of data shards, {num_shards})")
+            f"{devices}, and of data shards, {num_shards})" if need > 1
+            else "a positive int")
   p.check(_is_int(e.batch_size) and e.batch_size > 0
           and e.batch_size % num_devices == 0, "eval.batch_size",
-          e.batch_size, f"a positive multiple of {num_devices} ({devices})")
+          e.batch_size, f"a positive multiple of {num_devices} ({devices})"
+          if num_devices > 1 else "a positive int")
   if t.num_steps is not None:
     p.check(_is_int(t.num_steps) and t.num_steps > 0, "train.num_steps",
             t.num_steps, "a positive int, or None to use train.num_epochs")
@@ -219,17 +222,47 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
           "train.augment.randaugment_mode", a.randaugment_mode,
           " or ".join(map(repr, randaugment.MODES))
           + " (fixed-pixel TF port, or sizes relative to the image side)")
-  p.check(bool(config.workdir), "workdir", config.workdir,
-          "a directory path (--workdir)")
-  if config.pretrained.path:
-    if p.check(os.path.exists(config.pretrained.path), "pretrained.path",
-               config.pretrained.path,
-               "an existing checkpoint file or nfnets-train workdir"):
-      _check_pretrained_model(config, p)
+  if p.check(bool(config.workdir), "workdir", config.workdir,
+             "a directory path (--workdir)"):
+    p.check(not os.path.isfile(config.workdir), "workdir", config.workdir,
+            "a directory, or a path to create one at (this is a file)")
+  if config.pretrained.path and _pretrained_loads(config, p):
+    _check_pretrained_model(config, p)
   try:
     parallel.wants_distributed(config.distributed)
   except ValueError as err:
     p.add(str(err))
+
+
+def _pretrained_loads(config: Any, p: _Problems) -> bool:
+  """True if `config.pretrained.path` loads as training will load it.
+
+  Reading the file here (the restricted unpickler runs nothing from it)
+  stops a run with a file that is not a checkpoint, or an unsafe one,
+  before anything is built or compiled.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from nfnets_jax import builder
+  path = config.pretrained.path
+  allowed = ("an existing checkpoint file (an official F*_haiku.npz, a .npz "
+             "from python -m nfnets_jax.convert_checkpoint, a timm "
+             ".pth/.safetensors) or nfnets-train workdir")
+  if not p.check(os.path.exists(path), "pretrained.path", path, allowed):
+    return False
+  if builder.detect_format(path) == "exported":
+    return True  # _check_pretrained_model names it.
+  try:
+    builder.load_checkpoint(path)
+  except pickle.UnpicklingError as err:  # Unsafe: refused, nothing ran.
+    p.add(f"config.pretrained.path={path!r} is refused: {err}")
+    return False
+  # The file is the user's: whatever reading it raises (torch: KeyError,
+  # RuntimeError; safetensors: its own error) means it is not a checkpoint.
+  except Exception as err:  # pylint: disable=broad-except
+    p.add(_fmt("pretrained.path", path,
+               f"{allowed}; reading it failed: {type(err).__name__}: {err}"))
+    return False
+  return True
 
 
 def _check_pretrained_model(config: Any, p: _Problems) -> None:
