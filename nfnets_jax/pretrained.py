@@ -1,23 +1,22 @@
-"""Pretrained NFNet weights: DeepMind's official files and timm's `dm_nfnet_*`.
+"""DeepMind's official NFNet files (read safely) and the safe `.npz` format.
 
-Two sources of ImageNet weights map 1:1 onto `nfnets_jax.NFNet` parameters:
+The official release, `F0_haiku.npz` ... `F5_haiku.npz` and `F6_haiku.npz`
+(F6 trained with SAM) from `https://storage.googleapis.com/dm-nfnets/`.
+Despite the suffix they are not NumPy archives: each is a `dill` pickle of
+the Haiku params tree `{module_name: {param_name: ndarray}}` (no state;
+NFNets have none), saved under Haiku 0.0.3. Haiku of that time pickled its
+immutable mappings as `haiku._src.data_structures.frozendict(dict)`, later
+versions as `FlatMapping(dict)` (both are accepted), and `dill` writes each
+array as `dill._dill._create_array(numpy.core.multiarray._reconstruct,
+...)`.
+`load_pretrained` reads them with a restricted unpickler that resolves only
+those mapping and NumPy array globals (to local, side-effect-free stand-ins)
+and refuses every other global with `UnsafeCheckpointError`, so a
+checkpoint can never run code. Convert once to a plain `.npz` of flat names
+`"<module>/<param>"` (read with `allow_pickle=False`)::
 
-* The official release, `F0_haiku.npz` ... `F5_haiku.npz` and `F6_haiku.npz`
-  (F6 trained with SAM) from `https://storage.googleapis.com/dm-nfnets/`.
-  Despite the suffix they are not NumPy archives: each is a `dill` pickle of
-  the Haiku params tree `{module_name: {param_name: ndarray}}` (no state;
-  NFNets have none), saved under Haiku 0.0.3. Haiku of that time pickled its
-  immutable mappings as `haiku._src.data_structures.frozendict(dict)`, later
-  versions as `FlatMapping(dict)` (both are accepted), and `dill` writes each
-  array as `dill._dill._create_array(numpy.core.multiarray._reconstruct,
-  ...)`.
-  `load_pretrained` reads them with a restricted unpickler that resolves only
-  those mapping and NumPy array globals (to local, side-effect-free stand-ins)
-  and refuses every other global with `UnsafeCheckpointError`, so a
-  checkpoint can never run code. Convert once to a plain `.npz` of flat names
-  `"<module>/<param>"` (read with `allow_pickle=False`)::
+    python -m nfnets_jax.convert_checkpoint convert F0_haiku.npz F0.npz
 
-      python -m nfnets_jax.convert_checkpoint convert F0_haiku.npz F0.npz
 timm's PyTorch port (`dm_nfnet_*`) lives in `nfnets_jax.timm_weights`, the
 checks against the model in `nfnets_jax.param_checks`; their public names
 are re-exported here, where they were first defined.
