@@ -265,41 +265,66 @@ def _pretrained_loads(config: Any, p: _Problems) -> bool:
   return True
 
 
-def _check_pretrained_model(config: Any, p: _Problems) -> None:
-  """The checkpoint's model definition must be config.model's forward.
+def pretrained_forward(config: Any) -> tuple[dict[str, Any], str] | None:
+  """The NFNet forward kwargs `config.pretrained` was trained with.
 
   `pretrained.model` (a registry name) or, unset, the file's format says
   which definition the weights were trained as: timm's `dm_nfnet_*` (eps
-  added to the weight variance, exact GELU) or the official one. NFNet
-  kwargs that differ are named with the flags that fix them.
+  added to the weight variance, exact GELU; `TIMM_NFNET_KWARGS`) or the
+  official one. None when nothing is implied (official/.npz files and
+  workdirs without `pretrained.model`, non-NFNet models).
+
+  Returns:
+    `(kwargs, what)`: e.g. `({'activation': 'gelu_exact', ...}, 'a timm
+    dm_nfnet_* file')`.
+
+  Raises:
+    ValueError: an unknown `pretrained.model`, or one of another family
+      than `config.model.name`.
   """
   # pylint: disable=g-import-not-at-top
   from nfnets_jax import builder
   from nfnets_jax import registry
   from nfnets_jax import timm_weights
-  path, name = config.pretrained.path, config.pretrained.model
-  kind = builder.detect_format(path)
-  if kind == "exported":
+  name = config.pretrained.model
+  if name is not None:
+    spec = registry.get_spec(name)
+    if spec.family != config.model.name:
+      raise ValueError(_fmt("pretrained.model", name,
+                            f"a model of family config.model.name="
+                            f"{config.model.name!r} ({name} is a "
+                            f"{spec.family})"))
+    return ({k: spec.kwargs[k] for k in timm_weights.TIMM_NFNET_KWARGS
+             if k in spec.kwargs}, f"config.pretrained.model={name!r}")
+  if (config.model.name == "NFNet"
+      and builder.detect_format(config.pretrained.path) == "timm"):
+    return dict(timm_weights.TIMM_NFNET_KWARGS), "a timm dm_nfnet_* file"
+  return None
+
+
+def _check_pretrained_model(config: Any, p: _Problems) -> None:
+  """The checkpoint's model definition must be config.model's forward.
+
+  NFNet kwargs that differ from `pretrained_forward` are named with the
+  flags that fix them.
+  """
+  # pylint: disable=g-import-not-at-top
+  from nfnets_jax import builder
+  from nfnets_jax import timm_weights
+  path = config.pretrained.path
+  if builder.detect_format(path) == "exported":
     p.add(_fmt("pretrained.path", path, "a checkpoint with params (this is "
                "an exported model)"))
     return
-  if name is not None:
-    try:
-      spec = registry.get_spec(name)
-    except ValueError as err:
-      p.add(f"config.pretrained.model: {err}")
-      return
-    if not p.check(spec.family == config.model.name, "pretrained.model", name,
-                   f"a model of family config.model.name="
-                   f"{config.model.name!r} ({name} is a {spec.family})"):
-      return
-    forward = {k: spec.kwargs[k] for k in timm_weights.TIMM_NFNET_KWARGS
-               if k in spec.kwargs}
-    what = f"config.pretrained.model={name!r}"
-  elif kind == "timm" and config.model.name == "NFNet":
-    forward, what = timm_weights.TIMM_NFNET_KWARGS, "a timm dm_nfnet_* file"
-  else:
+  try:
+    implied = pretrained_forward(config)
+  except ValueError as err:
+    p.add(str(err) if str(err).startswith("config.")
+          else f"config.pretrained.model: {err}")
     return
+  if implied is None:
+    return
+  forward, what = implied
   kwargs = config.model.kwargs.to_dict()
   defaults = timm_weights.OFFICIAL_NFNET_KWARGS  # The NFNet defaults.
   differ = {k: v for k, v in forward.items()
