@@ -298,6 +298,8 @@ def flag_error_line(err: flags.Error,
     path, value, reason = m.groups()
     if "Non-boolean argument" in reason:  # absl's text is a tuple's repr.
       reason = "not a boolean"
+    elif "as a ConfigDict" in reason:  # ml_collections': an AST node's repr.
+      reason = "not a dict literal"
     return (f"--config.{path}={value!r} is invalid: {reason}"
             f"{_allowed(path, config)}")
   if isinstance(err, flags.UnrecognizedFlagError):
