@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import pickle
 import sys
+from typing import Any
 import warnings
 
 import numpy as np
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    argv=argv)
 
 
-def _read_timm(path: str) -> dict:
+def _read_timm(path: str) -> Mapping[str, Any]:
   """`load_timm_file`, with what torch and safetensors raise as bad input.
 
   torch reports a file that is not a torch archive as KeyError, RuntimeError

@@ -19,7 +19,6 @@ import importlib.util
 import os
 import re
 import textwrap
-from typing import Any
 
 from absl import flags
 from ml_collections import config_dict
