@@ -256,6 +256,17 @@ def test_dm_nfnet_f0_from_timm_safetensors_gives_timms_logits(timm_f0):
   assert builder.load_checkpoint(path).spec.name == "dm_nfnet_f0"
 
 
+def test_torch_pth_and_safetensors_load_the_same_params(timm_f0, tmp_path):
+  torch = pytest.importorskip("torch")
+  model, path, _, _ = timm_f0
+  pth = tmp_path / "weights.ckpt"  # Told by content (a torch zip).
+  torch.save({"state_dict": model.state_dict()}, str(pth))
+  assert builder.detect_format(pth) == "timm"
+  a, b = builder.load_checkpoint(pth), builder.load_checkpoint(path)
+  assert a.spec.name == b.spec.name == "dm_nfnet_f0"
+  test_pretrained.assert_params_equal(a.params, b.params)
+
+
 def test_nfnet_f0_from_an_official_pickle_gives_the_official_logits(
     timm_f0, tmp_path):
   torch_model, _, x, timm_logits = timm_f0
