@@ -350,20 +350,25 @@ def forward_problems(config):
   return problems.lines
 
 
-def test_finetune_from_timm_file_needs_timms_forward(timm_f0):
+def test_finetune_from_timm_file_adopts_timms_forward(timm_f0):
   _, path, _, _ = timm_f0
-  with pytest.raises(config_validation.ConfigError,
-                     match="timm dm_nfnet_\\* file, whose forward needs "
-                     "--config.model.kwargs.activation=gelu_exact "
-                     "--config.model.kwargs.ws_eps=1e-05 "
-                     "--config.model.kwargs.ws_eps_mode=add"):
-    config_validation.validate(finetune_config(path))
   config = finetune_config(path)
-  config.model.kwargs.update(timm_weights.TIMM_NFNET_KWARGS)
-  # Only the forward is checked here (the smoke model is tiny, F0 is not).
+  # The recipe's official forward does not fit timm's weights ...
+  assert ("timm dm_nfnet_* file, whose forward needs "
+          "--config.model.kwargs.activation=gelu_exact "
+          "--config.model.kwargs.ws_eps=1e-05 "
+          "--config.model.kwargs.ws_eps_mode=add") in forward_problems(
+              config)[0]
+  # ... so the run adopts timm's (loop.run does this before validating).
+  changed = config_validation.adopt_pretrained_forward(config)
+  assert changed == timm_weights.TIMM_NFNET_KWARGS
+  assert {k: config.model.kwargs[k] for k in changed} == changed
   assert not forward_problems(config)
+  assert not config_validation.adopt_pretrained_forward(config)  # Idempotent.
   # Fine-tuning timm's weights with the official definition: allowed.
-  assert not forward_problems(finetune_config(path, model="nfnet_f0"))
+  official = finetune_config(path, model="nfnet_f0")
+  assert not config_validation.adopt_pretrained_forward(official)
+  assert not forward_problems(official)
   assert "family config.model.name='NFNet'" in forward_problems(
       finetune_config(path, model="resnet50"))[0]
   with pytest.raises(config_validation.ConfigError,

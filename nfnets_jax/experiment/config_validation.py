@@ -302,6 +302,32 @@ def pretrained_forward(config: Any) -> tuple[dict[str, Any], str] | None:
   return None
 
 
+def adopt_pretrained_forward(config: Any) -> dict[str, Any]:
+  """Sets `config.model.kwargs`' forward fields to the checkpoint's.
+
+  A timm `dm_nfnet_*` file is fine-tuned with timm's forward (its WS eps and
+  exact GELU) and an official one with the official forward, unless
+  `config.pretrained.model` names the definition to use. Problems (an
+  unknown name, an unreadable file) are left for `validate` to report.
+
+  Returns:
+    The kwargs that were changed (empty when none).
+  """
+  if not config.pretrained.path:
+    return {}
+  try:
+    implied = pretrained_forward(config)
+  except (ValueError, OSError):
+    return {}
+  if implied is None:
+    return {}
+  kwargs = config.model.kwargs
+  changed = {k: v for k, v in implied[0].items() if kwargs.get(k) != v}
+  with config.unlocked():
+    kwargs.update(changed)
+  return changed
+
+
 def _check_pretrained_model(config: Any, p: _Problems) -> None:
   """The checkpoint's model definition must be config.model's forward.
 

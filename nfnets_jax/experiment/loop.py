@@ -350,6 +350,7 @@ def run(config: Any) -> dict[str, float]:
     BadImageError: an image file cannot be decoded (after saving one).
   """
   parallel.maybe_initialize_distributed(config.distributed)
+  forward = config_validation.adopt_pretrained_forward(config)
   spec = config_validation.validate(config)
   c = build(config, spec)
   try:
@@ -357,6 +358,9 @@ def run(config: Any) -> dict[str, float]:
     start = int(host_state.step)
     if parallel.is_host0():
       _write_run_info(config, spec, host_state, c.logger)
+    if forward:
+      c.logger.info("model forward set to the pretrained checkpoint's: "
+                    + ", ".join(f"{k}={v!r}" for k, v in forward.items()))
     c.logger.advance(start)
     state = parallel.replicate(host_state, c.mesh)
     del host_state

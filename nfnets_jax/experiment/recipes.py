@@ -222,8 +222,8 @@ def nfnet_finetune(arg: str | None = None) -> config_dict.ConfigDict:
   config.pretrained.path = "F0_haiku.npz"
   config.pretrained.model = None  # From the file: nfnet_f0 / dm_nfnet_f0.
   config.pretrained.reinit_head = True
-  # The forward of the official weights; timm's need TIMM_NFNET_KWARGS
-  # (`--config.model.kwargs.activation=gelu_exact` ..., see validation).
+  # The official forward; a run from a timm file adopts timm's instead
+  # (`config_validation.adopt_pretrained_forward`).
   config.model.kwargs.update(timm_weights.OFFICIAL_NFNET_KWARGS)
   config.model.kwargs.stochdepth_rate = 0.1
   t = config.train
