@@ -11,13 +11,11 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import portpicker
 import pytest
 
 from nfnets_jax.experiment import checkpointing
@@ -298,16 +296,6 @@ def test_step_that_cannot_be_moved_stops_the_restore(tmp_path):
 # End to end: damaged copies of the reference run's checkpoints.
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  return testing.session_dirs(str(tmp_path_factory.getbasetemp()))[0]
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
-  return testing.reference_run(str(tmp_path_factory.getbasetemp()))
-
-
 def _copy_checkpoints(reference_run, workdir, steps):
   """The reference run's checkpoints of `steps` in a fresh workdir."""
   for step in steps:
@@ -379,27 +367,8 @@ def test_two_processes_agree_on_the_step(reference_run, cache_dir,
   workdir = str(tmp_path / "run")
   checkpoints = _copy_checkpoints(reference_run, workdir, (8, 10))
   flip_in_largest_file(os.path.join(checkpoints, "10"))
-  port = portpicker.pick_unused_port()
-  procs = [
-      subprocess.Popen(
-          testing.train_command(
-              workdir, "--config.distributed.initialize=True",
-              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-              "--config.distributed.num_processes=2",
-              f"--config.distributed.process_id={i}"),
-          cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=400))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, (_, stderr) in zip(procs, outputs):
-    assert proc.returncode == 0, stderr[-4000:]
+  outputs = testing.run_two_processes(workdir, cache_dir)
+  for _, stderr in outputs:
     assert "checkpoint step 10 is corrupt" in stderr
   assert "resumed from step 8 " in outputs[0][0]
   assert os.listdir(os.path.join(workdir, "checkpoints_corrupt")) == ["10"]

@@ -15,7 +15,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -23,11 +22,12 @@ import pytest
 from PIL import Image
 
 import train_harness as testing
+from nfnets_jax import builder
 from nfnets_jax import data
 from nfnets_jax.data import image_folder
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import logging as run_logging
-from nfnets_jax.experiment import loop
+
 
 CLASSES = ('disc', 'horizontal', 'vertical')
 # Extension, PIL format; upper-case extensions must be found too.
@@ -322,11 +322,6 @@ def test_cli_bad_folder_exits_2_before_compute(tmp_path):
 # --- end to end --------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return testing.session_dirs(str(tmp_path_factory.getbasetemp()))[0]
-
-
 def _flags(root: str) -> tuple[str, ...]:
   return ('--config.dataset.name=image_folder',
           f'--config.dataset.data_dir={root}', *_RUN_FLAGS)
@@ -346,7 +341,7 @@ def test_trains_to_high_accuracy_and_names_classes(reference):
   final = run_logging.read_metrics(reference, 'eval')[-1]
   assert final['step'] == NUM_STEPS and final['count'] == 18
   assert final['top1'] >= 0.9 and final['ema_top1'] >= 0.9, final
-  with open(os.path.join(reference, loop.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(reference, builder.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == list(CLASSES)
 
 
@@ -366,21 +361,11 @@ def test_predict_names_the_class_of_new_images(reference, tmp_path):
     assert result['top'][0]['index'] == label
 
 
-def _wait_for_checkpoint(proc, workdir, step, timeout=240):
-  deadline = time.time() + timeout
-  while step not in testing.checkpoint_steps(workdir):
-    if proc.poll() is not None:
-      raise AssertionError(f'run ended (rc {proc.returncode}) before '
-                           f'checkpoint {step}: {proc.stderr.read()[-3000:]}')
-    assert time.time() < deadline, f'no checkpoint {step} in {timeout} s'
-    time.sleep(0.02)
-
-
 def test_sigkill_and_resume_bit_exact(folder, reference, cache_dir, tmp_path):
   workdir = str(tmp_path / 'killed')
   proc = testing.start_train(workdir, *_flags(folder), cache_dir=cache_dir,
                              config=testing.DEFAULT_CONFIG)
-  _wait_for_checkpoint(proc, workdir, 10)
+  testing.wait_for_checkpoint(proc, workdir, 10)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   killed_at = testing.checkpoint_steps(workdir)
@@ -433,5 +418,5 @@ def test_finetune_config_on_image_folder(folder, cache_dir, tmp_path):
   assert run_logging.read_metrics(workdir, 'eval')[-1]['count'] == 18
   head = testing.load_checkpoint(workdir)['params']['NFNet/~/linear']['w']
   assert head.shape[-1] == len(CLASSES)
-  with open(os.path.join(workdir, loop.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(workdir, builder.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == list(CLASSES)

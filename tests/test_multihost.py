@@ -6,10 +6,8 @@ shards, so the global batches are identical and so must the losses be.
 Only process 0 writes the metrics and the checkpoint files.
 """
 import os
-import subprocess
 
 import numpy as np
-import portpicker
 import pytest
 
 import train_harness as testing
@@ -20,27 +18,7 @@ def two_process_run(tmp_path_factory):
   basetemp = str(tmp_path_factory.getbasetemp())
   cache_dir, _ = testing.session_dirs(basetemp)
   workdir = str(tmp_path_factory.mktemp("two_process"))
-  port = portpicker.pick_unused_port()
-  procs = [
-      subprocess.Popen(
-          testing.train_command(
-              workdir, "--config.distributed.initialize=True",
-              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-              "--config.distributed.num_processes=2",
-              f"--config.distributed.process_id={i}"),
-          cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=400))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, (_, stderr) in zip(procs, outputs):
-    assert proc.returncode == 0, stderr[-4000:]
+  testing.run_two_processes(workdir, cache_dir)
   return workdir
 
 

@@ -160,11 +160,6 @@ def test_console_script_is_declared():
   assert '"nfnets-predict=nfnets_jax.predict:main"' in setup
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  return testing.reference_run(str(tmp_path_factory.getbasetemp()))
-
-
 def test_workdir_with_class_names_in_a_subprocess(reference_run, image_files,
                                                   tmp_path):
   workdir = tmp_path / "run"

@@ -9,29 +9,15 @@ bit for bit (resumed after SIGKILL and after Ctrl-C).
 import os
 import shutil
 import signal
-import time
 
 import jax
 import numpy as np
-import pytest
 
 import train_harness as testing
 
 
 def _check_ok(proc):
   assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-  """One persistent compilation cache for every subprocess of the session."""
-  return testing.session_dirs(str(tmp_path_factory.getbasetemp()))[0]
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
-  """The uninterrupted 1-device run every other run is compared with."""
-  return testing.reference_run(str(tmp_path_factory.getbasetemp()))
 
 
 def _assert_losses_match(losses, reference, steps, rtol=1e-5):
@@ -95,23 +81,13 @@ def test_restore_into_different_device_count(reference_run, cache_dir,
                final["params"], expected["params"])
 
 
-def _wait_for_checkpoint(proc, workdir, step, timeout=240):
-  deadline = time.time() + timeout
-  while step not in testing.checkpoint_steps(workdir):
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended (rc {proc.returncode}) before "
-                           f"checkpoint {step}: {proc.stderr.read()[-3000:]}")
-    assert time.time() < deadline, f"no checkpoint {step} in {timeout} s"
-    time.sleep(0.02)
-
-
 def test_sigkill_and_ctrl_c_resume_bit_exact(reference_run, cache_dir,
                                              tmp_path):
   """SIGKILL after the 2nd checkpoint, resume, Ctrl-C, resume: the final
   state equals the uninterrupted run's bit for bit."""
   workdir = str(tmp_path / "interrupted")
   proc = testing.start_train(workdir, devices=1, cache_dir=cache_dir)
-  _wait_for_checkpoint(proc, workdir, 4)
+  testing.wait_for_checkpoint(proc, workdir, 4)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
@@ -119,7 +95,7 @@ def test_sigkill_and_ctrl_c_resume_bit_exact(reference_run, cache_dir,
   assert 12 not in killed_at, "the run finished before it was killed"
 
   proc = testing.start_train(workdir, devices=1, cache_dir=cache_dir)
-  _wait_for_checkpoint(proc, workdir, max(killed_at) + 2)
+  testing.wait_for_checkpoint(proc, workdir, max(killed_at) + 2)
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 130, stderr[-3000:]  # Saved, then stopped.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,50 @@ def start_train(workdir: str, *flags: str, devices: int = 1,
       train_command(workdir, *flags, config=config), cwd=REPO,
       env=subprocess_env(devices, cache_dir), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int,
+                        timeout: float = 240) -> None:
+  """Polls until `workdir` holds checkpoint `step` (fails if `proc` ends)."""
+  deadline = time.time() + timeout
+  while step not in checkpoint_steps(workdir):
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended (rc {proc.returncode}) before "
+                           f"checkpoint {step}: {proc.stderr.read()[-3000:]}")
+    assert time.time() < deadline, f"no checkpoint {step} in {timeout} s"
+    time.sleep(0.02)
+
+
+def run_two_processes(workdir: str, cache_dir: str, *flags: str,
+                      timeout: float = 400) -> list[tuple[str, str]]:
+  """The tiny run as two `jax.distributed` processes on localhost.
+
+  Returns:
+    `(stdout, stderr)` of process 0 and 1; both must have exited 0.
+  """
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  procs = [
+      subprocess.Popen(
+          train_command(
+              workdir, "--config.distributed.initialize=True",
+              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2",
+              f"--config.distributed.process_id={i}", *flags),
+          cwd=REPO, env=subprocess_env(1, cache_dir),
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for i, (proc, (_, stderr)) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, f"process {i}: {stderr[-4000:]}"
+  return outputs
 
 
 def train_losses(workdir: str) -> dict[int, float]:

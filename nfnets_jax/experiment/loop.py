@@ -42,8 +42,6 @@ from nfnets_jax.experiment import parallel
 from nfnets_jax.experiment import train_state as ts
 
 TrainState = ts.TrainState
-# In the workdir of an image-folder run: the class folder names by label.
-CLASS_NAMES_FILE = "class_names.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -390,7 +388,9 @@ def _write_run_info(config: Any, spec: config_validation.RunSpec,
     # Label names (index = label) for nfnets-predict --pretrained WORKDIR.
     names = data_lib.dataset_info(config.dataset.name,
                                   config.dataset.data_dir).class_names
-    with open(os.path.join(config.workdir, CLASS_NAMES_FILE), "w") as f:
+    from nfnets_jax import builder  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(config.workdir, builder.CLASS_NAMES_FILE),
+              "w") as f:
       json.dump(list(names), f, indent=2)
   logger.info(run_logging.param_table(state.params))
   logger.info(
