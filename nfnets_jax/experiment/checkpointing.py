@@ -248,10 +248,16 @@ class Checkpointer:
       return
     checksums = {"algorithm": "crc32", "state": state_checksums(state),
                  "process_states": _json_checksum(data_states)}
+    # Shapes and dtypes too, so that a restore can tell a different config
+    # from damage by reading one JSON file (orbax's array metadata goes
+    # through TensorStore, which has hung in multi-process runs).
+    specs = {name: [list(shape), dtype]
+             for name, (shape, dtype) in _array_specs(state).items()}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave({"process_states": data_states,
-                                "checksums": checksums})))
+                                "checksums": checksums,
+                                "array_specs": specs})))
     logging.info("checkpoint of step %d queued in %s", step, self.directory)
 
   def _step_dir(self, step: int) -> str:
@@ -264,13 +270,21 @@ class Checkpointer:
       CheckpointMismatchError: the arrays differ (a different config).
       CorruptCheckpointError: the metadata cannot be read.
     """
+    data_file = os.path.join(self._step_dir(step), "data", "metadata")
     try:
-      metadata = self._manager.item_metadata(step)["state"]
-      saved = _array_specs(getattr(metadata, "tree", metadata))
+      with open(data_file) as f:
+        specs = json.load(f).get("array_specs")
+      if specs is not None:
+        saved = {name: (tuple(shape), dtype)
+                 for name, (shape, dtype) in specs.items()}
+      else:  # Written before the specs were saved: orbax's metadata.
+        data_file = os.path.join(self._step_dir(step), "state", "_METADATA")
+        metadata = self._manager.item_metadata(step)["state"]
+        saved = _array_specs(getattr(metadata, "tree", metadata))
     except Exception as err:  # pylint: disable=broad-except
       raise CorruptCheckpointError(
-          step, f"its metadata ({self._step_dir(step)}/state/_METADATA) "
-          f"cannot be read: {_first_line(err)}") from err
+          step, f"its metadata ({data_file}) cannot be read: "
+          f"{_first_line(err)}") from err
     wanted = _array_specs(jax.tree.map(np.asarray, template))
     if saved != wanted:
       raise CheckpointMismatchError(
