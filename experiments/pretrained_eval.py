@@ -74,7 +74,6 @@ from nfnets_jax import nfnet  # noqa: E402
 from nfnets_jax import param_checks  # noqa: E402
 from nfnets_jax import pretrained  # noqa: E402
 from nfnets_jax import timm_weights  # noqa: E402
-from nfnets_jax.experiment import checkpointing  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
@@ -317,14 +316,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
     raise ValueError(f"--params={','.join(which)!r}: allowed 'raw', 'ema' "
                      "or 'raw,ema'")
   config = read_run_config(workdir)
-  steps = checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
-  if not steps:
-    raise FileNotFoundError(f"--checkpoint={workdir!r} has no checkpoints/"
-                            "<step> directory: nothing to evaluate")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"--step={step} is not a checkpoint of {workdir!r}; "
-                     f"available: {steps}")
+  step = builder.workdir_step(workdir, step)
   if num_classes is None:
     num_classes = data.dataset_info(config.dataset.name,
                                     config.dataset.data_dir).num_classes

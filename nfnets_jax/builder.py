@@ -256,22 +256,36 @@ def load_workdir(workdir: str, *, step: int | None = None,
   # pylint: disable-next=g-import-not-at-top
   from nfnets_jax.experiment import checkpointing
   spec = workdir_spec(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  steps = checkpointing.checkpoint_steps(directory)
-  if not steps:
-    raise FileNotFoundError(f"{workdir!r} has no checkpoints/<step> "
-                            "directory: nothing to load")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"step={step} is not a checkpoint of {workdir!r}; "
-                     f"available: {steps}")
-  saved = checkpointing.read_state(directory, step)
+  step = workdir_step(workdir, step)
+  saved = checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
   ema = bool(use_ema and saved.get("ema_params"))
   prefix = "ema_" if ema else ""
   return Checkpoint(
       path=workdir, format="workdir", params=saved[f"{prefix}params"],
       state=saved.get(f"{prefix}model_state") or {}, spec=spec,
       label_names=read_class_names(workdir), step=step, ema=ema)
+
+
+def workdir_step(workdir: PathLike, step: int | None = None) -> int:
+  """`step` if the workdir has that checkpoint, the newest if None.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+    ValueError: `step` is not one of its checkpoints.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from nfnets_jax.experiment import checkpointing
+  workdir = os.fspath(workdir)
+  steps = checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/<step> "
+                            "directory: nothing to load")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"step={step} is not a checkpoint of {workdir!r}; "
+                     f"available: {steps}")
+  return step
 
 
 def load_checkpoint(path: PathLike, *, step: int | None = None,

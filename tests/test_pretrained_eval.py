@@ -468,7 +468,7 @@ def test_bad_workdirs(workdir, tmp_path):
   with tfds.testing.mock_data(**MOCK):
     with pytest.raises(FileNotFoundError, match="has no checkpoints"):
       run(tmp_path, str(empty))
-    with pytest.raises(ValueError, match=r"--step=7 .* available: \[5\]"):
+    with pytest.raises(ValueError, match=r"step=7 .* available: \[5\]"):
       run(tmp_path, str(root), "--step", "7")
     with pytest.raises(ValueError, match=r"--params='raw,best'"):
       run(tmp_path, str(root), "--params", "raw,best")
