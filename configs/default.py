@@ -25,9 +25,11 @@ allowed):
   model.name: a key of `nfnets_jax.models.MODELS` ('NFNet', ...).
   model.kwargs: keyword arguments of the model class (e.g. variant='F0' or a
       custom variant mapping, stochdepth_rate, drop_rate, activation).
-  dataset.name: 'digits' (embedded) or a prepared TFDS dataset
-      ('imagenet2012', 'cifar10', ...).
-  dataset.data_dir: TFDS data directory (None: TFDS's default).
+  dataset.name: 'digits' (embedded), 'image_folder' (your images: one
+      folder per class) or a prepared TFDS dataset ('imagenet2012',
+      'cifar10', ...).
+  dataset.data_dir: the image folder's root, or the TFDS data directory
+      (None: TFDS's default).
   dataset.train_split / eval_split: 'train', 'train_and_valid', 'valid' or
       'test' (official ImageNet convention: train on 'train_and_valid',
       evaluate on 'test' = ImageNet validation).
