@@ -1,33 +1,105 @@
-"""NFNet-F0 throughput: nfnets_jax against timm's `dm_nfnet_f0`, side by side.
+"""NFNet throughput: nfnets_jax against timm's `dm_nfnet_*`, side by side.
 
-Measures, in one process and interleaved so both see the same machine load:
-  - inference: jitted forward in eval mode, images/s;
-  - training: one SGD-Nesterov step (forward, backward, update), images/s;
-for ours and for timm, and prints ours/timm ratios. On CPU both run float32
-with every core (torch's thread count is set to the CPU count). On a GPU ours
-runs bfloat16 activations with float32 params and timm runs under AMP.
+For each batch size, in one process and interleaved (so every contender sees
+the same machine), it times:
+  - inference: the jitted forward in eval mode, images/s;
+  - a train step: forward, backward and an SGD-Nesterov update, images/s;
+for ours (one row per `--conv-impl`) and timm (one row per memory format).
+
+It cannot be fooled by load. It prints the 1-minute load average before and
+after the run (after a cool-down), the CPU time the hypervisor stole, and
+the machine's measured matmul rate; each row's MFU is its FLOP/s over that
+rate (on a GPU also over the chip's dense bf16 peak). Ratios are marked
+INVALID when the load before the run exceeded `--max-load-per-core` per core
+used, when a row's repetitions spread (max - min) / median more than
+`--max-spread`, or when more than `--max-steal` of the CPU time was stolen.
+
+CPU: float32 for both, every core (torch's thread count = cores). GPU: ours
+in bfloat16 activations with float32 params, timm under bf16 autocast; peak
+device memory per row. `benchmarks/gpu_run.sh` is the whole GPU run.
 
 Usage:
-  python benchmarks/throughput.py                 # F0, 192 px, batch 8
-  python benchmarks/throughput.py --repeats 5 --conv-impl native split
+  python benchmarks/throughput.py                        # F0, 192 px, 8 and 32
+  python benchmarks/throughput.py --batches 8 --repeats 7 --out r.md
+  python benchmarks/throughput.py --conv-impl split native --timm-formats \
+      nchw channels_last --batches 64 128 256            # on a GPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import nfnets_jax as nj  # First: sets the package's XLA:CPU flags.
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
 
-import nfnets_jax as nj
-
 NUM_CLASSES = 1000
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's sheets.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+TIMM_NAMES = {f"F{i}": f"dm_nfnet_f{i}" for i in range(7)}
+
+
+@dataclasses.dataclass
+class Contender:
+  """One row: closures that each run one inference or one train step."""
+  name: str
+  infer: Callable[[], None]
+  train: Callable[[], None]
+  peak_memory: Callable[[], int | None] = lambda: None
+  times: dict[str, list[float]] = dataclasses.field(
+      default_factory=lambda: {"infer": [], "train": []})
+
+
+# ---------------------------------------------------------------- machine ----
+def cpu_times() -> tuple[float, float]:
+  """(total, stolen) CPU seconds since boot, from /proc/stat (0s elsewhere)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [float(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return 0.0, 0.0
+  hz = os.sysconf("SC_CLK_TCK")
+  return sum(fields[:8]) / hz, (fields[7] if len(fields) > 7 else 0.0) / hz
+
+
+def load1() -> float:
+  return os.getloadavg()[0]
+
+
+def cores_used() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def matmul_rates(backend: str, repeats: int = 5) -> dict[str, float]:
+  """Best-of-`repeats` FLOP/s of a square matmul, JAX and torch."""
+  n, dtype = (4096, jnp.float32) if backend == "cpu" else (8192, jnp.bfloat16)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  mm(a, a).block_until_ready()
+  best = min(_time(lambda: mm(a, a).block_until_ready())
+             for _ in range(repeats))
+  rates = {"jax": 2 * n**3 / best}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return rates
+  cuda = torch.cuda.is_available()
+  t = torch.randn(n, n, device="cuda" if cuda else "cpu",
+                  dtype=torch.bfloat16 if cuda else torch.float32)
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  t @ t, sync()
+  best = min(_time(lambda: (t @ t, sync())) for _ in range(repeats))
+  rates["torch"] = 2 * n**3 / best
+  return rates
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -36,9 +108,10 @@ def _time(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
+# ------------------------------------------------------------- contenders ----
 def make_ours(variant: str, batch: int, size: int, conv_impl: str,
-              dtype: jnp.dtype):
-  """Returns (infer, train_step) closures for our NFNet; each runs once."""
+              dtype: jnp.dtype) -> Contender:
+  """Our NFNet: jitted eval forward and jitted, donating train step."""
   model = hk.transform_with_state(lambda x, training: nj.NFNet(
       NUM_CLASSES, variant, conv_impl=conv_impl, stochdepth_rate=0.1)(
           x, is_training=training))
@@ -47,7 +120,6 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
   labels = jax.nn.one_hot(jnp.arange(batch) % NUM_CLASSES, NUM_CLASSES)
   params, state = model.init(rng, images, True)
   opt = optax.sgd(0.1, momentum=0.9, nesterov=True)
-  opt_state = opt.init(params)
 
   @jax.jit
   def infer(params, state, images):
@@ -66,7 +138,7 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), state, opt_state
 
-  carry = [params, state, opt_state]
+  carry = [params, state, opt.init(params)]
 
   def run_infer():
     jax.block_until_ready(infer(carry[0], carry[1], images))
@@ -75,97 +147,285 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
     carry[:] = train_step(*carry, rng, images, labels)
     jax.block_until_ready(carry)
 
-  return run_infer, run_train
+  def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      return stats["peak_bytes_in_use"]
+    mem = train_step.lower(*carry, rng, images, labels).compile(
+    ).memory_analysis()
+    return None if mem is None else (mem.temp_size_in_bytes
+                                     + mem.argument_size_in_bytes
+                                     + mem.output_size_in_bytes)
+
+  return Contender(f"ours[{conv_impl}]", run_infer, run_train, peak_memory)
 
 
-def make_timm(batch: int, size: int):
-  """Returns (infer, train_step) closures for timm's dm_nfnet_f0."""
+def make_timm(variant: str, batch: int, size: int, memory_format: str,
+              bf16: bool) -> Contender:
+  """timm's dm_nfnet model: no_grad eval forward and an SGD-Nesterov step."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
-  if not cuda:
-    torch.set_num_threads(os.cpu_count())
-  model = timm.create_model("dm_nfnet_f0", pretrained=False,
+  model = timm.create_model(TIMM_NAMES[variant], pretrained=False,
                             drop_path_rate=0.1).to(device)
-  images = torch.randn(batch, 3, size, size, device=device)
+  fmt = {"nchw": torch.contiguous_format,
+         "channels_last": torch.channels_last}[memory_format]
+  model = model.to(memory_format=fmt)
+  images = torch.randn(batch, 3, size, size, device=device).to(
+      memory_format=fmt)
   labels = torch.arange(batch, device=device) % NUM_CLASSES
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                         nesterov=True)
   sync = torch.cuda.synchronize if cuda else (lambda: None)
-  amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+  amp = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
   def run_infer():
     model.eval()
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp():
       model(images)
     sync()
 
   def run_train():
     model.train()
     opt.zero_grad(set_to_none=True)
-    with amp:
-      loss = torch.nn.functional.cross_entropy(model(images), labels)
+    with amp():
+      loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
     loss.backward()
     opt.step()
     sync()
 
-  return run_infer, run_train
+  def peak_memory() -> int | None:
+    return torch.cuda.max_memory_allocated() if cuda else None
+
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  return Contender(f"timm[{memory_format}]", run_infer, run_train,
+                   peak_memory)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variant", default="F0")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--size", type=int, default=192)
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timed repetitions of each measurement")
-  parser.add_argument("--conv-impl", nargs="+", default=["auto"],
-                      help="our grouped-conv lowerings to compare")
-  parser.add_argument("--no-timm", action="store_true")
-  args = parser.parse_args()
+# ------------------------------------------------------------------- run ----
+def train_flops_per_image(variant: str, size: int) -> float:
+  """FLOPs of one train-step image: 3x the forward's 2 * MACs."""
+  macs = nj.count_flops(lambda x: nj.NFNet(NUM_CLASSES, variant)(
+      x, is_training=False), size)
+  return 6.0 * macs
 
-  backend = jax.default_backend()
-  dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
-  print(f"backend={backend} devices={jax.devices()} cpus={os.cpu_count()} "
-        f"variant={args.variant} batch={args.batch} size={args.size} "
-        f"dtype={jnp.dtype(dtype).name}", flush=True)
 
-  contenders = {}
-  for impl in args.conv_impl:
-    contenders[f"ours[{impl}]"] = make_ours(args.variant, args.batch,
-                                            args.size, impl, dtype)
-  if not args.no_timm:
-    contenders["timm"] = make_timm(args.batch, args.size)
-
-  times = {name: {"infer": [], "train": []} for name in contenders}
-  for name, (infer, train) in contenders.items():  # Compile and warm up.
-    t_infer, t_train = _time(infer), _time(train)
-    print(f"warm-up {name}: infer {t_infer:.1f}s, train {t_train:.1f}s",
+def measure(contenders: list[Contender], repeats: int, pause: float) -> None:
+  """Warms each contender up, then times `repeats` interleaved rounds."""
+  for c in contenders:
+    t_infer, t_train = _time(c.infer), _time(c.train)
+    print(f"  warm-up {c.name}: infer {t_infer:.1f}s, train {t_train:.1f}s",
           flush=True)
-    infer(), train()
-  for rep in range(args.repeats):
-    for name, (infer, train) in contenders.items():
-      times[name]["infer"].append(_time(infer))
-      times[name]["train"].append(_time(train))
-    print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
+    c.infer(), c.train()
+  for rep in range(repeats):
+    for c in contenders:
+      for kind in ("infer", "train"):
+        time.sleep(pause)  # Let the other side's thread pool go idle.
+        c.times[kind].append(_time(getattr(c, kind)))
+    print(f"  repeat {rep + 1}/{repeats}", flush=True)
 
-  def ips(name, kind):
-    return args.batch / statistics.median(times[name][kind])
 
-  print(f"\n| model | inference img/s | train-step img/s |"
-        f"{' inference vs timm | train vs timm |' if 'timm' in times else ''}")
-  print(f"|---|---|---|{'---|---|' if 'timm' in times else ''}")
-  for name in contenders:
-    row = f"| {name} | {ips(name, 'infer'):.2f} | {ips(name, 'train'):.2f} |"
-    if "timm" in times:
-      row += (f" {ips(name, 'infer') / ips('timm', 'infer'):.2f}x |"
-              f" {ips(name, 'train') / ips('timm', 'train'):.2f}x |")
-    print(row)
-  print("\n(medians of", args.repeats, "interleaved repetitions; train step = "
-        "forward + backward + SGD Nesterov update, dropout 0.2, stochastic "
-        "depth 0.1)")
+def spread(times: Sequence[float]) -> float:
+  return (max(times) - min(times)) / statistics.median(times)
+
+
+def report_rows(contenders: list[Contender], batch: int, flops: float,
+                rate: float, peak: float | None, invalid_machine: str | None,
+                max_spread: float) -> list[dict]:
+  """One dict per contender: img/s, spread, MFU, ratio to the fastest timm
+  row (or why it is invalid)."""
+  timms = [c for c in contenders if c.name.startswith("timm")]
+  rows = []
+  for c in contenders:
+    row = {"model": c.name, "batch": batch}
+    for kind in ("infer", "train"):
+      # Ratios are against timm's fastest memory format for this kind.
+      base = max(timms, key=lambda t: -statistics.median(t.times[kind]),
+                 default=None)
+      ips = batch / statistics.median(c.times[kind])
+      row[f"{kind}_img_s"] = ips
+      row[f"{kind}_spread"] = spread(c.times[kind])
+      per_image = flops / 3 if kind == "infer" else flops
+      row[f"{kind}_mfu"] = ips * per_image / rate
+      if peak:
+        row[f"{kind}_mfu_peak"] = ips * per_image / peak
+      if base is not None:
+        why = invalid_machine or next(
+            (f"{d.name} {kind} spread {spread(d.times[kind]):.0%} > "
+             f"{max_spread:.0%}" for d in (c, base)
+             if spread(d.times[kind]) > max_spread), None)
+        row[f"{kind}_ratio"] = (
+            None if why else
+            ips / (batch / statistics.median(base.times[kind])))
+        row[f"{kind}_invalid"] = why
+    row["peak_memory_bytes"] = c.peak_memory()
+    rows.append(row)
+  return rows
+
+
+def markdown(rows: list[dict], has_peak: bool) -> str:
+  """The rows as a Markdown table."""
+  head = ("| model | batch | infer img/s | infer MFU | train img/s | "
+          "train MFU | infer vs best timm | train vs best timm | spread i/t | memory |")
+  lines = [head, "|---" * (head.count("|") - 1) + "|"]
+  for r in rows:
+    def mfu(kind):
+      text = f"{r[f'{kind}_mfu']:.0%}"
+      return text + (f" ({r[f'{kind}_mfu_peak']:.0%} of peak)"
+                     if has_peak else "")
+
+    def ratio(kind):
+      if f"{kind}_ratio" not in r:
+        return "-"
+      if r[f"{kind}_ratio"] is None:
+        return "INVALID"
+      return f"{r[f'{kind}_ratio']:.2f}x"
+
+    mem = r["peak_memory_bytes"]
+    lines.append(
+        f"| {r['model']} | {r['batch']} | {r['infer_img_s']:.2f} | "
+        f"{mfu('infer')} | {r['train_img_s']:.2f} | {mfu('train')} | "
+        f"{ratio('infer')} | {ratio('train')} | "
+        f"{r['infer_spread']:.0%} / {r['train_spread']:.0%} | "
+        f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB'} |")
+  return "\n".join(lines)
+
+
+def cool_down(max_wait: float, threshold: float) -> float:
+  """Waits (up to `max_wait` s) for the 1-min load to fall below `threshold`."""
+  deadline = time.monotonic() + max_wait
+  while load1() >= threshold and time.monotonic() < deadline:
+    time.sleep(5)
+  return load1()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  """Command-line flags; defaults depend on the backend (CPU or GPU)."""
+  gpu = jax.default_backend() != "cpu"
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="\n".join(__doc__.splitlines()[2:]))
+  parser.add_argument("--variant", default="F0", choices=sorted(TIMM_NAMES))
+  parser.add_argument("--size", type=int, default=192, help="image side, px")
+  parser.add_argument("--batches", type=int, nargs="+",
+                      default=[64, 128, 256] if gpu else [8, 32])
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timed, interleaved repetitions per measurement")
+  parser.add_argument("--conv-impl", nargs="+",
+                      default=["split", "native"] if gpu else ["auto"],
+                      choices=["auto", "split", "native"])
+  parser.add_argument("--timm-formats", nargs="+",
+                      default=["nchw", "channels_last"] if gpu else ["nchw"],
+                      choices=["nchw", "channels_last"])
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                      default="bfloat16" if gpu else "float32",
+                      help="activations (params stay float32; timm: autocast)")
+  parser.add_argument("--no-timm", action="store_true")
+  parser.add_argument("--max-load-per-core", type=float, default=1.0)
+  parser.add_argument("--max-spread", type=float, default=0.10)
+  parser.add_argument("--max-steal", type=float, default=0.10,
+                      help="largest fraction of CPU time the host may steal")
+  parser.add_argument("--pause", type=float, default=0.2,
+                      help="seconds of idle before each timed call")
+  parser.add_argument("--cool-down", type=float, default=90.0,
+                      help="max seconds to wait for the load to fall after")
+  parser.add_argument("--out", help="also write the report (Markdown) and "
+                      "a JSON twin (same name, .json) here")
+  args = parser.parse_args(argv)
+  if any(b < 1 for b in args.batches):
+    parser.error(f"--batches: every value must be >= 1, got {args.batches}")
+  if args.repeats < 2:
+    parser.error(f"--repeats must be >= 2 to measure a spread, got "
+                 f"{args.repeats}")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(argv)
+  backend = jax.default_backend()
+  dtype = jnp.dtype(args.dtype)
+  cores = cores_used()
+  load_before = load1()
+  cpu0 = cpu_times()
+  device = jax.devices()[0].device_kind
+  header = [f"backend={backend} device={device} cores={cores} "
+            f"variant={args.variant} size={args.size} dtype={dtype.name} "
+            f"jax={jax.__version__} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}",
+            f"load before: {load_before:.2f} (1-min average, "
+            f"{load_before / cores:.2f} per core)"]
+  print("\n".join(header), flush=True)
+  rates = matmul_rates(backend)
+  rate = max(rates.values())
+  peak = next((v for k, v in BF16_PEAK.items() if k in device), None)
+  header.append("matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
+                                       for k, v in rates.items())
+                + f" -> MFU is against {rate / 1e9:.0f} GFLOP/s"
+                + (f"; bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+  print(header[-1], flush=True)
+  if not args.no_timm:
+    import torch  # pylint: disable=g-import-not-at-top
+    if backend == "cpu":
+      torch.set_num_threads(cores)
+    header.append(f"torch={torch.__version__} threads="
+                  f"{torch.get_num_threads()}")
+  flops = train_flops_per_image(args.variant, args.size)
+  header.append(f"{flops / 1e9:.1f} GFLOP per train-step image "
+                f"({flops / 3e9:.1f} per inference image)")
+  print(header[-1], flush=True)
+
+  rows: list[dict] = []
+  for batch in args.batches:
+    print(f"batch {batch}:", flush=True)
+    contenders = [make_ours(args.variant, batch, args.size, impl, dtype)
+                  for impl in args.conv_impl]
+    if not args.no_timm:
+      contenders += [make_timm(args.variant, batch, args.size, fmt,
+                               dtype == jnp.bfloat16)
+                     for fmt in args.timm_formats]
+    measure(contenders, args.repeats, args.pause)
+    cpu1 = cpu_times()
+    steal = (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1e-9)
+    invalid = None
+    if load_before / cores > args.max_load_per_core:
+      invalid = (f"load before {load_before:.2f} > {args.max_load_per_core}"
+                 f" per core x {cores}")
+    elif steal > args.max_steal:
+      invalid = f"{steal:.0%} of CPU time stolen > {args.max_steal:.0%}"
+    rows += report_rows(contenders, batch, flops, rate, peak, invalid,
+                        args.max_spread)
+    del contenders
+
+  cpu1 = cpu_times()
+  steal = (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1e-9)
+  load_end = load1()
+  load_after = cool_down(args.cool_down, args.max_load_per_core * cores / 2)
+  footer = [f"load at end: {load_end:.2f}; after cool-down: {load_after:.2f}"
+            f"; CPU time stolen by the host during the run: {steal:.1%}",
+            f"(medians of {args.repeats} interleaved repetitions; train step ="
+            " forward + backward + SGD-Nesterov update, dropout 0.2, "
+            "stochastic depth 0.1; MFU = FLOP/s over the matmul rate above"
+            + ("; memory = peak device bytes" if backend != "cpu" else
+               "; memory = XLA's buffers for our train step") + ")"]
+  report = "\n".join(header) + "\n\n" + markdown(rows, peak is not None) + (
+      "\n\n" + "\n".join(footer))
+  print("\n" + markdown(rows, peak is not None) + "\n\n" + "\n".join(footer))
+  if any(r.get(f"{k}_invalid") for r in rows for k in ("infer", "train")):
+    reasons = sorted({r[f"{k}_invalid"] for r in rows
+                      for k in ("infer", "train") if r.get(f"{k}_invalid")})
+    print("ratios marked INVALID: " + "; ".join(reasons))
+    report += "\nratios marked INVALID: " + "; ".join(reasons)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(report + "\n")
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+      json.dump({"header": header, "footer": footer, "rows": rows,
+                 "matmul_flops": rates, "load_before": load_before,
+                 "load_after": load_after, "steal": steal}, f, indent=1)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -6,6 +6,11 @@ References:
   Brock, De, Smith. Characterizing signal propagation to close the performance
     gap in unnormalized ResNets. ICLR 2021.
 """
+from nfnets_jax import cpu_flags
+
+cpu_flags.apply()  # Before any JAX computation starts a backend.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets_jax.agc import AdaptiveGradClipState
 from nfnets_jax.agc import adaptive_grad_clip
 from nfnets_jax.agc import clip_stats

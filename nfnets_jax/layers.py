@@ -10,7 +10,6 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import functools
 from typing import Literal
 
 import haiku as hk
@@ -142,71 +141,18 @@ def _conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-def conv_weight_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
-                     stride: tuple[int, ...],
-                     padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Gradient of an (ungrouped) NHWC x HWIO convolution w.r.t. its kernel.
-
-  Computed as one matrix multiply of the im2col patches of `x` with `g`:
-  `dW[i, j, c, o] = sum_{n,h,w} x_pad[n, h*s + i, w*s + j, c] * g[n, h, w, o]`.
-  XLA's CPU backend lowers this gradient to a convolution that runs 3-10x
-  slower than the forward pass; as a matmul it runs at forward speed.
-
-  Args:
-    x: convolution input `[N, H, W, C]`.
-    g: output cotangent `[N, H', W', O]`.
-    kernel_hw: `(kh, kw)`.
-    stride: spatial strides.
-    padding: explicit `((top, bottom), (left, right))` pads.
-
-  Returns:
-    `[kh, kw, C, O]`.
-  """
-  (kh, kw), (sh, sw) = kernel_hw, stride
-  n, ho, wo, _ = g.shape
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  patches = [jax.lax.slice(xp, (0, i, j, 0),
-                           (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1,
-                            x.shape[-1]), (1, sh, sw, 1))
-             for i in range(kh) for j in range(kw)]
-  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, -1)
-  dw = jnp.einsum("nhwc,nhwo->co", patches, g,
-                  preferred_element_type=jnp.float32)
-  return dw.reshape(kh, kw, x.shape[-1], g.shape[-1]).astype(g.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def matmul_grad_conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
-                     padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """A convolution whose kernel gradient is a matmul (`conv_weight_grad`)."""
-  return _conv(x, w, stride, padding)
-
-
-def _matmul_grad_conv_fwd(x, w, stride, padding):
-  return _conv(x, w, stride, padding), (x, w)
-
-
-def _matmul_grad_conv_bwd(stride, padding, residuals, g):
-  x, w = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv(x, w, stride, padding), x)
-  (dx,) = input_vjp(g)
-  return dx, conv_weight_grad(x, g, w.shape[:2], stride, padding)
-
-
-matmul_grad_conv.defvjp(_matmul_grad_conv_fwd, _matmul_grad_conv_bwd)
-
-
 def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
                  padding: str | Sequence[tuple[int, int]], groups: int,
                  impl: ConvImpl = "auto") -> jax.Array:
   """An NHWC x HWIO convolution with `groups` feature groups.
 
   Two lowerings give the same numbers from the same kernel:
-  - 'native': one `conv_general_dilated` (right on GPU/TPU).
-  - 'split': for XLA's CPU backend, whose grouped convolution is 5-10x
-    slower than computing each group as its own convolution (see
-    ENVIRONMENT.md) and whose kernel gradients are slow convolutions: each
-    group is a separate convolution, and kernel gradients are matmuls.
+  - 'native': one `conv_general_dilated` with `feature_group_count` (right
+    on GPU/TPU).
+  - 'split': each group as its own ungrouped convolution, outputs
+    concatenated. XLA:CPU's grouped convolution and its gradients run
+    4-13x slower than the same groups computed apart (benchmarks/
+    conv_layers.py); gradients are XLA's own for each group.
   'auto' picks 'split' on CPU and 'native' elsewhere.
 
   Args:
@@ -232,10 +178,10 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
   if impl != "split":
     raise ValueError(f"conv impl={impl!r}; allowed: 'auto', 'native', 'split'")
   if groups == 1:
-    return matmul_grad_conv(x, w, stride, padding)
+    return _conv(x, w, stride, padding)
   xs = jnp.split(x, groups, axis=-1)
   ws = jnp.split(w, groups, axis=-1)
-  return jnp.concatenate([matmul_grad_conv(xi, wi, stride, padding)
+  return jnp.concatenate([_conv(xi, wi, stride, padding)
                           for xi, wi in zip(xs, ws)], axis=-1)
 
 

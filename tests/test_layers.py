@@ -186,19 +186,25 @@ def test_split_lowering_gradients_equal_native(kernel, stride, groups, size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_weight_grad_matches_numpy_brute_force():
+def test_split_conv_kernel_grad_matches_numpy_brute_force():
+  # Strided, padded, 2 groups: dW[i, j, c, o] of group k sums
+  # x_pad[n, 2h + i, 2w + j, k*C + c] * g[n, h, w, k*O + o] over n, h, w.
   rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+  x = rng.normal(size=(2, 5, 5, 6)).astype(np.float32)
   g = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
   pads = ((1, 1), (1, 1))
-  got = layers.conv_weight_grad(jnp.asarray(x), jnp.asarray(g), (3, 3), (2, 2),
-                                pads)
+  f = lambda w: layers.grouped_conv(jnp.asarray(x), w, stride=(2, 2),
+                                    padding=pads, groups=2, impl="split")
+  (got,) = jax.vjp(f, jnp.asarray(w))[1](jnp.asarray(g))
   xp = np.pad(x, ((0, 0), *pads, (0, 0)))
   want = np.zeros((3, 3, 3, 4))
-  for i in range(3):
-    for j in range(3):
-      for h in range(3):
-        for w in range(3):
-          want[i, j] += np.einsum("nc,no->co", xp[:, 2 * h + i, 2 * w + j],
-                                  g[:, h, w])
+  for k in range(2):
+    for i in range(3):
+      for j in range(3):
+        for h in range(3):
+          for v in range(3):
+            want[i, j, :, 2 * k:2 * k + 2] += np.einsum(
+                "nc,no->co", xp[:, 2 * h + i, 2 * v + j, 3 * k:3 * k + 3],
+                g[:, h, v, 2 * k:2 * k + 2])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,61 @@
+"""XLA:CPU flags that make NFNets train faster, set when nfnets_jax is imported.
+
+jaxlib 0.10.2 hands large convolutions and dots on CPU to YNNPACK. For the
+NHWC convolutions of NFNets, and above all their gradients, Eigen's kernels
+(XLA's other CPU path) are faster: an NFNet-F0 train step at 192 px ran 1.47x
+faster and inference 1.45x faster with YNNPACK fusions off (one process each,
+2 cores, AVX2; `benchmarks/throughput.py` measures it side by side, and
+`benchmarks/conv_layers.py` per layer). Numbers change only by float rounding.
+
+XLA reads `XLA_FLAGS` once, when the first JAX computation starts a backend,
+so `nfnets_jax` appends its flags at import. Flags the user already put in
+`XLA_FLAGS` win; `NFNETS_JAX_XLA_FLAGS=0` keeps XLA's defaults. XLA_FLAGS is
+process-wide: other JAX code in the same process gets the flags too.
+"""
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+import os
+import warnings
+
+# flag name -> value. An empty YNN fusion list turns YNNPACK fusions off.
+CPU_XLA_FLAGS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+OPT_OUT_ENV = "NFNETS_JAX_XLA_FLAGS"
+
+
+def flags_to_add(xla_flags: str, flags: dict[str, str] = CPU_XLA_FLAGS
+                 ) -> list[str]:
+  """The `--name=value` items of `flags` whose name `xla_flags` lacks."""
+  return [f"--{name}={value}" for name, value in flags.items()
+          if f"--{name}" not in xla_flags]
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+  """Appends `CPU_XLA_FLAGS` to `environ['XLA_FLAGS']`; returns what it added.
+
+  Adds nothing when `environ[OPT_OUT_ENV]` is '0'. Warns (and still adds,
+  for child processes) when a JAX backend already started: the flags then
+  take effect only in processes started afterwards.
+  """
+  if environ.get(OPT_OUT_ENV, "1") == "0":
+    return []
+  current = environ.get("XLA_FLAGS", "")
+  added = flags_to_add(current)
+  if not added:
+    return []
+  environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  if environ is os.environ and _backend_started():
+    warnings.warn(
+        "nfnets_jax was imported after JAX started its backend, so its "
+        f"CPU flags ({' '.join(added)}) do not apply to this process; "
+        "import nfnets_jax before running any JAX computation, or put them "
+        "in XLA_FLAGS yourself", stacklevel=3)
+  return added
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # A JAX without the private helper.
+    return False
