@@ -30,13 +30,17 @@ import argparse
 import dataclasses
 import functools
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-import nfnets_jax as nj  # First: sets the package's XLA:CPU flags.
+# Several processes share one GPU: none may take 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import nfnets_jax as nj  # pylint: disable=g-import-not-at-top,wrong-import-position
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -55,8 +59,62 @@ class Contender:
   infer: Callable[[], None]
   train: Callable[[], None]
   peak_memory: Callable[[], int | None] = lambda: None
-  times: dict[str, list[float]] = dataclasses.field(
-      default_factory=lambda: {"infer": [], "train": []})
+
+
+class Worker:
+  """A contender living in its own process, driven over a pipe.
+
+  Ours and timm never share a process: in one process torch's OpenMP pool
+  slowed our XLA step by ~30% (1.96 -> 1.36 img/s, F0 batch 8, 2 cores), so
+  each side runs alone in its process while the others wait on a pipe.
+  """
+
+  def __init__(self, kind: str, *spec):
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_serve, args=(child, kind, spec),
+                             daemon=True)
+    self._proc.start()
+    self.name = self._ask("name")
+    self.times: dict[str, list[float]] = {"infer": [], "train": []}
+
+  def _ask(self, command: str):
+    self._conn.send(command)
+    status, value = self._conn.recv()
+    if status == "error":
+      raise RuntimeError(f"benchmark worker failed: {value}")
+    return value
+
+  def run(self, kind: str) -> float:
+    """Runs one `kind` ('infer' or 'train') step there; returns seconds."""
+    return self._ask(kind)
+
+  def peak_memory(self) -> int | None:
+    return self._ask("memory")
+
+  def close(self) -> None:
+    self._conn.send("stop")
+    self._proc.join(timeout=60)
+
+
+def _serve(conn, kind: str, spec: tuple) -> None:
+  """Worker process body: builds the contender, answers commands."""
+  try:
+    contender = (make_ours if kind == "ours" else make_timm)(*spec)
+  except Exception as e:  # pylint: disable=broad-except
+    conn.recv()
+    conn.send(("error", f"{type(e).__name__}: {e}"))
+    return
+  while (command := conn.recv()) != "stop":
+    try:
+      if command == "name":
+        conn.send(("ok", contender.name))
+      elif command == "memory":
+        conn.send(("ok", contender.peak_memory()))
+      else:
+        conn.send(("ok", _time(getattr(contender, command))))
+    except Exception as e:  # pylint: disable=broad-except
+      conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 # ---------------------------------------------------------------- machine ----
@@ -110,8 +168,9 @@ def _time(fn: Callable[[], object]) -> float:
 
 # ------------------------------------------------------------- contenders ----
 def make_ours(variant: str, batch: int, size: int, conv_impl: str,
-              dtype: jnp.dtype) -> Contender:
+              dtype: str) -> Contender:
   """Our NFNet: jitted eval forward and jitted, donating train step."""
+  dtype = jnp.dtype(dtype)
   model = hk.transform_with_state(lambda x, training: nj.NFNet(
       NUM_CLASSES, variant, conv_impl=conv_impl, stochdepth_rate=0.1)(
           x, is_training=training))
@@ -148,9 +207,7 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
     jax.block_until_ready(carry)
 
   def peak_memory() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-      return stats["peak_bytes_in_use"]
+    """Bytes of XLA's buffers (arguments, outputs, temporaries) for a step."""
     mem = train_step.lower(*carry, rng, images, labels).compile(
     ).memory_analysis()
     return None if mem is None else (mem.temp_size_in_bytes
@@ -161,12 +218,14 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
 
 
 def make_timm(variant: str, batch: int, size: int, memory_format: str,
-              bf16: bool) -> Contender:
+              bf16: bool, threads: int | None = None) -> Contender:
   """timm's dm_nfnet model: no_grad eval forward and an SGD-Nesterov step."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
+  if threads is not None:
+    torch.set_num_threads(threads)
   model = timm.create_model(TIMM_NAMES[variant], pretrained=False,
                             drop_path_rate=0.1).to(device)
   fmt = {"nchw": torch.contiguous_format,
@@ -186,7 +245,11 @@ def make_timm(variant: str, batch: int, size: int, memory_format: str,
       model(images)
     sync()
 
+  peak = [None]
+
   def run_train():
+    if cuda:
+      torch.cuda.reset_peak_memory_stats()
     model.train()
     opt.zero_grad(set_to_none=True)
     with amp():
@@ -194,14 +257,11 @@ def make_timm(variant: str, batch: int, size: int, memory_format: str,
     loss.backward()
     opt.step()
     sync()
+    if cuda:
+      peak[0] = max(peak[0] or 0, torch.cuda.max_memory_allocated())
 
-  def peak_memory() -> int | None:
-    return torch.cuda.max_memory_allocated() if cuda else None
-
-  if cuda:
-    torch.cuda.reset_peak_memory_stats()
   return Contender(f"timm[{memory_format}]", run_infer, run_train,
-                   peak_memory)
+                   lambda: peak[0])
 
 
 # ------------------------------------------------------------------- run ----
@@ -212,18 +272,18 @@ def train_flops_per_image(variant: str, size: int) -> float:
   return 6.0 * macs
 
 
-def measure(contenders: list[Contender], repeats: int, pause: float) -> None:
-  """Warms each contender up, then times `repeats` interleaved rounds."""
-  for c in contenders:
-    t_infer, t_train = _time(c.infer), _time(c.train)
-    print(f"  warm-up {c.name}: infer {t_infer:.1f}s, train {t_train:.1f}s",
+def measure(workers: list[Worker], repeats: int, pause: float) -> None:
+  """Warms each worker up, then times `repeats` interleaved rounds."""
+  for w in workers:
+    t_infer, t_train = w.run("infer"), w.run("train")
+    print(f"  warm-up {w.name}: infer {t_infer:.1f}s, train {t_train:.1f}s",
           flush=True)
-    c.infer(), c.train()
+    w.run("infer"), w.run("train")
   for rep in range(repeats):
-    for c in contenders:
+    for w in workers:
       for kind in ("infer", "train"):
         time.sleep(pause)  # Let the other side's thread pool go idle.
-        c.times[kind].append(_time(getattr(c, kind)))
+        w.times[kind].append(w.run(kind))
     print(f"  repeat {rep + 1}/{repeats}", flush=True)
 
 
@@ -231,7 +291,7 @@ def spread(times: Sequence[float]) -> float:
   return (max(times) - min(times)) / statistics.median(times)
 
 
-def report_rows(contenders: list[Contender], batch: int, flops: float,
+def report_rows(contenders: list[Worker], batch: int, flops: float,
                 rate: float, peak: float | None, invalid_machine: str | None,
                 max_spread: float) -> list[dict]:
   """One dict per contender: img/s, spread, MFU, ratio to the fastest timm
@@ -379,11 +439,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   rows: list[dict] = []
   for batch in args.batches:
     print(f"batch {batch}:", flush=True)
-    contenders = [make_ours(args.variant, batch, args.size, impl, dtype)
-                  for impl in args.conv_impl]
+    contenders = [Worker("ours", args.variant, batch, args.size, impl,
+                         dtype.name) for impl in args.conv_impl]
     if not args.no_timm:
-      contenders += [make_timm(args.variant, batch, args.size, fmt,
-                               dtype == jnp.bfloat16)
+      contenders += [Worker("timm", args.variant, batch, args.size, fmt,
+                            dtype == jnp.bfloat16,
+                            cores if backend == "cpu" else None)
                      for fmt in args.timm_formats]
     measure(contenders, args.repeats, args.pause)
     cpu1 = cpu_times()
@@ -396,7 +457,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       invalid = f"{steal:.0%} of CPU time stolen > {args.max_steal:.0%}"
     rows += report_rows(contenders, batch, flops, rate, peak, invalid,
                         args.max_spread)
-    del contenders
+    for w in contenders:
+      w.close()
 
   cpu1 = cpu_times()
   steal = (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1e-9)
@@ -407,8 +469,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"(medians of {args.repeats} interleaved repetitions; train step ="
             " forward + backward + SGD-Nesterov update, dropout 0.2, "
             "stochastic depth 0.1; MFU = FLOP/s over the matmul rate above"
-            + ("; memory = peak device bytes" if backend != "cpu" else
-               "; memory = XLA's buffers for our train step") + ")"]
+            + "; memory = XLA's buffers of our train step, torch's peak "
+            "allocated bytes of timm's on a GPU)"]
   report = "\n".join(header) + "\n\n" + markdown(rows, peak is not None) + (
       "\n\n" + "\n".join(footer))
   print("\n" + markdown(rows, peak is not None) + "\n\n" + "\n".join(footer))
