@@ -151,7 +151,7 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
     on GPU/TPU).
   - 'split': each group as its own ungrouped convolution, outputs
     concatenated. XLA:CPU's grouped convolution and its gradients run
-    4-13x slower than the same groups computed apart (benchmarks/
+    5-13x slower than the same groups computed apart (benchmarks/
     conv_layers.py); gradients are XLA's own for each group.
   'auto' picks 'split' on CPU and 'native' elsewhere.
 
