@@ -64,9 +64,11 @@ class Contender:
 class Worker:
   """A contender living in its own process, driven over a pipe.
 
-  Ours and timm never share a process: in one process torch's OpenMP pool
-  slowed our XLA step by ~30% (1.96 -> 1.36 img/s, F0 batch 8, 2 cores), so
-  each side runs alone in its process while the others wait on a pipe.
+  Ours and timm never share a process (no thread pool, allocator or flag of
+  one can touch the other); each runs alone while the others block on a
+  pipe. On a 2-core machine our F0 step ran 1.96 img/s with no timm worker
+  and 1.27-1.37 alternating with one, in one process or in two: the slowdown
+  is not from sharing a process (cause not found; see README).
   """
 
   def __init__(self, kind: str, *spec):
