@@ -1,7 +1,7 @@
 """NFNet throughput: nfnets_jax against timm's `dm_nfnet_*`, side by side.
 
-For each batch size, in one process and interleaved (so every contender sees
-the same machine), it times:
+For each batch size, each contender in its own process, interleaved (so every
+contender sees the same machine), it times:
   - inference: the jitted forward in eval mode, images/s;
   - a train step: forward, backward and an SGD-Nesterov update, images/s;
 for ours (one row per `--conv-impl`) and timm (one row per memory format).
@@ -131,6 +131,12 @@ def cpu_times() -> tuple[float, float]:
   return sum(fields[:8]) / hz, (fields[7] if len(fields) > 7 else 0.0) / hz
 
 
+def steal_since(start: tuple[float, float]) -> float:
+  """Fraction of the CPU time since `start` (a `cpu_times()`) stolen."""
+  total, stolen = cpu_times()
+  return (stolen - start[1]) / max(total - start[0], 1e-9)
+
+
 def load1() -> float:
   return os.getloadavg()[0]
 
@@ -139,8 +145,10 @@ def cores_used() -> int:
   return len(os.sched_getaffinity(0))
 
 
-def matmul_rates(backend: str, repeats: int = 5) -> dict[str, float]:
-  """Best-of-`repeats` FLOP/s of a square matmul, JAX and torch."""
+def matmul_rates(backend: str, threads: int | None,
+                 repeats: int = 5) -> dict[str, float]:
+  """Best-of-`repeats` FLOP/s of a square matmul, JAX and torch (on
+  `threads` threads when set)."""
   n, dtype = (4096, jnp.float32) if backend == "cpu" else (8192, jnp.bfloat16)
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   mm = jax.jit(lambda a, b: a @ b)
@@ -152,6 +160,8 @@ def matmul_rates(backend: str, repeats: int = 5) -> dict[str, float]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return rates
+  if threads is not None:
+    torch.set_num_threads(threads)
   cuda = torch.cuda.is_available()
   t = torch.randn(n, n, device="cuda" if cuda else "cpu",
                   dtype=torch.bfloat16 if cuda else torch.float32)
@@ -200,6 +210,7 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
     return optax.apply_updates(params, updates), state, opt_state
 
   carry = [params, state, opt.init(params)]
+  train_step = train_step.lower(*carry, rng, images, labels).compile()
 
   def run_infer():
     jax.block_until_ready(infer(carry[0], carry[1], images))
@@ -210,8 +221,7 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
 
   def peak_memory() -> int | None:
     """Bytes of XLA's buffers (arguments, outputs, temporaries) for a step."""
-    mem = train_step.lower(*carry, rng, images, labels).compile(
-    ).memory_analysis()
+    mem = train_step.memory_analysis()
     return None if mem is None else (mem.temp_size_in_bytes
                                      + mem.argument_size_in_bytes
                                      + mem.output_size_in_bytes)
@@ -299,13 +309,14 @@ def report_rows(contenders: list[Worker], batch: int, flops: float,
   """One dict per contender: img/s, spread, MFU, ratio to the fastest timm
   row (or why it is invalid)."""
   timms = [c for c in contenders if c.name.startswith("timm")]
+  # Ratios are against timm's fastest memory format, per kind.
+  bases = {kind: min(timms, key=lambda t: statistics.median(t.times[kind]),
+                     default=None) for kind in ("infer", "train")}
   rows = []
   for c in contenders:
     row = {"model": c.name, "batch": batch}
     for kind in ("infer", "train"):
-      # Ratios are against timm's fastest memory format for this kind.
-      base = max(timms, key=lambda t: -statistics.median(t.times[kind]),
-                 default=None)
+      base = bases[kind]
       ips = batch / statistics.median(c.times[kind])
       row[f"{kind}_img_s"] = ips
       row[f"{kind}_spread"] = spread(c.times[kind])
@@ -419,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"load before: {load_before:.2f} (1-min average, "
             f"{load_before / cores:.2f} per core)"]
   print("\n".join(header), flush=True)
-  rates = matmul_rates(backend)
+  torch_threads = cores if backend == "cpu" else None
+  rates = matmul_rates(backend, torch_threads)
   rate = max(rates.values())
   peak = next((v for k, v in BF16_PEAK.items() if k in device), None)
   header.append("matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
@@ -429,8 +441,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(header[-1], flush=True)
   if not args.no_timm:
     import torch  # pylint: disable=g-import-not-at-top
-    if backend == "cpu":
-      torch.set_num_threads(cores)
     header.append(f"torch={torch.__version__} threads="
                   f"{torch.get_num_threads()}")
   flops = train_flops_per_image(args.variant, args.size)
@@ -445,12 +455,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                          dtype.name) for impl in args.conv_impl]
     if not args.no_timm:
       contenders += [Worker("timm", args.variant, batch, args.size, fmt,
-                            dtype == jnp.bfloat16,
-                            cores if backend == "cpu" else None)
+                            dtype == jnp.bfloat16, torch_threads)
                      for fmt in args.timm_formats]
     measure(contenders, args.repeats, args.pause)
-    cpu1 = cpu_times()
-    steal = (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1e-9)
+    steal = steal_since(cpu0)
     invalid = None
     if load_before / cores > args.max_load_per_core:
       invalid = (f"load before {load_before:.2f} > {args.max_load_per_core}"
@@ -462,8 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for w in contenders:
       w.close()
 
-  cpu1 = cpu_times()
-  steal = (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1e-9)
+  steal = steal_since(cpu0)
   load_end = load1()
   load_after = cool_down(args.cool_down, args.max_load_per_core * cores / 2)
   footer = [f"load at end: {load_end:.2f}; after cool-down: {load_after:.2f}"
@@ -473,14 +480,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "stochastic depth 0.1; MFU = FLOP/s over the matmul rate above"
             + "; memory = XLA's buffers of our train step, torch's peak "
             "allocated bytes of timm's on a GPU)"]
-  report = "\n".join(header) + "\n\n" + markdown(rows, peak is not None) + (
-      "\n\n" + "\n".join(footer))
-  print("\n" + markdown(rows, peak is not None) + "\n\n" + "\n".join(footer))
-  if any(r.get(f"{k}_invalid") for r in rows for k in ("infer", "train")):
-    reasons = sorted({r[f"{k}_invalid"] for r in rows
-                      for k in ("infer", "train") if r.get(f"{k}_invalid")})
-    print("ratios marked INVALID: " + "; ".join(reasons))
-    report += "\nratios marked INVALID: " + "; ".join(reasons)
+  body = markdown(rows, peak is not None) + "\n\n" + "\n".join(footer)
+  reasons = sorted({r[f"{k}_invalid"] for r in rows
+                    for k in ("infer", "train") if r.get(f"{k}_invalid")})
+  if reasons:
+    body += "\nratios marked INVALID: " + "; ".join(reasons)
+  print("\n" + body)
+  report = "\n".join(header) + "\n\n" + body
   if args.out:
     with open(args.out, "w") as f:
       f.write(report + "\n")

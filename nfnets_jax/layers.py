@@ -173,12 +173,10 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
     padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], stride,
                                       padding)
   padding = tuple(tuple(p) for p in padding)
-  if impl == "native":
-    return _conv(x, w, stride, padding, groups)
-  if impl != "split":
+  if impl not in ("native", "split"):
     raise ValueError(f"conv impl={impl!r}; allowed: 'auto', 'native', 'split'")
-  if groups == 1:
-    return _conv(x, w, stride, padding)
+  if impl == "native" or groups == 1:
+    return _conv(x, w, stride, padding, groups)
   xs = jnp.split(x, groups, axis=-1)
   ws = jnp.split(w, groups, axis=-1)
   return jnp.concatenate([_conv(xi, wi, stride, padding)
