@@ -7,8 +7,10 @@ References:
     gap in unnormalized ResNets. ICLR 2021.
 """
 from nfnets_jax import cpu_flags
+from nfnets_jax import host_malloc
 
 cpu_flags.apply()  # Before any JAX computation starts a backend.
+host_malloc.tune()  # Before XLA allocates its first buffers.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets_jax.agc import AdaptiveGradClipState

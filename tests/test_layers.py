@@ -208,3 +208,23 @@ def test_split_conv_kernel_grad_matches_numpy_brute_force():
                 "nc,no->co", xp[:, 2 * h + i, 2 * v + j, 3 * k:3 * k + 3],
                 g[:, h, v, 2 * k:2 * k + 2])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_1x1_conv_is_a_matmul_with_numpy_gradients():
+  # out[n,h,w,o] = sum_c x[n,h,w,c] W[c,o]; dx = g W^T; dW = sum_nhw x^T g.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+  w = rng.normal(size=(1, 1, 5, 6)).astype(np.float32)
+  g = rng.normal(size=(2, 4, 3, 6)).astype(np.float32)
+  f = lambda x, w: layers.grouped_conv(x, w, stride=(1, 1), padding="SAME",
+                                       groups=1, impl="split")
+  out, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(g))
+  np.testing.assert_allclose(out, np.einsum("nhwc,co->nhwo", x, w[0, 0]),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, np.einsum("nhwo,co->nhwc", g, w[0, 0]),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw[0, 0], np.einsum("nhwc,nhwo->co", x, g),
+                             rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(f).lower(x, w).as_text()
+  assert "dot_general" in hlo and "convolution" not in hlo
