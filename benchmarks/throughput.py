@@ -14,9 +14,10 @@ INVALID when the load before the run exceeded `--max-load-per-core` per core
 used, when a row's repetitions spread (max - min) / median more than
 `--max-spread`, or when more than `--max-steal` of the CPU time was stolen.
 
-Every process imports nfnets_jax, so timm runs under the same glibc malloc
-settings as ours (`nfnets_jax/host_malloc.py`; NFNETS_JAX_MALLOC=0 gives both
-glibc's defaults). CPU: float32 for both, every core (torch's thread count =
+It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process imports
+nfnets_jax, so timm runs under the same glibc malloc settings as ours
+(`nfnets_jax/host_malloc.py`; NFNETS_JAX_MALLOC=0 gives both glibc's
+defaults, under which both ran slower and spread 20-40% here). CPU: float32 for both, every core (torch's thread count =
 cores). GPU: ours in bfloat16 activations with float32 params, timm under
 bf16 autocast; peak device memory per row. `benchmarks/gpu_run.sh` is the whole GPU run.
 
@@ -41,6 +42,8 @@ from collections.abc import Callable, Sequence
 
 # Several processes share one GPU: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Alternating processes: keep freed buffers (nfnets_jax/host_malloc.py).
+os.environ.setdefault("NFNETS_JAX_MALLOC", "1")
 
 import nfnets_jax as nj  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets_jax import host_malloc

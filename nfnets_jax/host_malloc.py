@@ -15,9 +15,17 @@ in `benchmarks/throughput.py`, see README "Performance").
   - `M_ARENA_MAX = 1`: one arena for all threads, so a block freed on one
     thread is reused on another (per-thread arenas are `mmap`ed heaps of at
     most 64 MB, which large blocks cannot use).
-The cost: the process keeps its peak heap until it exits. `nfnets_jax` calls
-`tune()` at import; `NFNETS_JAX_MALLOC=0` keeps glibc's defaults. Other
-C libraries (musl, macOS) are left alone.
+It is a trade-off, so it is opt-in: `NFNETS_JAX_MALLOC=1` in the environment
+makes `import nfnets_jax` call `tune()` (child processes inherit it). On a
+2-core machine it made the F0 train step 1.31x faster (1.75 -> 2.30 img/s,
+spread 20% -> 5%) when run alternately with another process, as
+`benchmarks/throughput.py` does, but alone the F0 step ran as fast without
+it (2.14-2.18 vs 2.08-2.24 img/s), and the single arena made the small
+`experiments.agc_batch_size --quick` run 6-12% slower (16.3 -> 18.2 s; threads
+contending for the one arena's lock, probably: not profiled). The process also keeps its peak heap until
+it exits, and glibc's aligned blocks can leave gaps in it (a jitted function
+with one 256 MB temporary: peak RSS 1.9 GB instead of 0.6 GB). Other C
+libraries (musl, macOS) are left alone.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import ctypes
 import os
 import platform
 
-OPT_OUT_ENV = "NFNETS_JAX_MALLOC"
+ENV = "NFNETS_JAX_MALLOC"
 # mallopt(3) parameter numbers (glibc's malloc.h) -> value.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS: dict[str, tuple[int, int]] = {
@@ -39,11 +47,11 @@ SETTINGS: dict[str, tuple[int, int]] = {
 def tune(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
   """Applies `SETTINGS` with glibc's `mallopt`; returns what it set.
 
-  Returns an empty dict (and changes nothing) when `environ[OPT_OUT_ENV]`
-  is '0' or the C library is not glibc. Raises RuntimeError if glibc
+  Returns an empty dict (and changes nothing) unless `environ[ENV]` is '1'
+  and the C library is glibc. Raises RuntimeError if glibc
   rejects a setting.
   """
-  if environ.get(OPT_OUT_ENV, "1") == "0" or platform.libc_ver()[0] != "glibc":
+  if environ.get(ENV) != "1" or platform.libc_ver()[0] != "glibc":
     return {}
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
@@ -51,6 +59,6 @@ def tune(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
   for name, (param, value) in SETTINGS.items():
     if mallopt(param, value) != 1:
       raise RuntimeError(f"glibc mallopt({name}={value}) failed; set "
-                         f"{OPT_OUT_ENV}=0 to keep glibc's defaults")
+                         f"unset {ENV} to keep glibc's defaults")
     applied[name] = value
   return applied
