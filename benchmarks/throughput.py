@@ -160,14 +160,23 @@ def matmul_rates(backend: str, threads: int | None,
   on a GPU."""
   sizes, dtype = ((2048, 4096), jnp.float32) if backend == "cpu" else (
       (8192,), jnp.bfloat16)
+
+  def best_rate(square: Callable[[int], Callable[[], object]]) -> float:
+    """The best FLOP/s over `sizes` of `square(n)()`, an n x n matmul."""
+    rates = []
+    for n in sizes:
+      run = square(n)
+      run()  # Compile / warm up.
+      rates.append(2 * n**3 / min(_time(run) for _ in range(repeats)))
+    return max(rates)
+
   mm = jax.jit(lambda a, b: a @ b)
-  rates = {"jax": 0.0}
-  for n in sizes:
+
+  def jax_square(n):
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    mm(a, a).block_until_ready()
-    best = min(_time(lambda: mm(a, a).block_until_ready())
-               for _ in range(repeats))
-    rates["jax"] = max(rates["jax"], 2 * n**3 / best)
+    return lambda: mm(a, a).block_until_ready()
+
+  rates = {"jax": best_rate(jax_square)}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -176,13 +185,13 @@ def matmul_rates(backend: str, threads: int | None,
     torch.set_num_threads(threads)
   cuda = torch.cuda.is_available()
   sync = torch.cuda.synchronize if cuda else (lambda: None)
-  rates["torch"] = 0.0
-  for n in sizes:
+
+  def torch_square(n):
     t = torch.randn(n, n, device="cuda" if cuda else "cpu",
                     dtype=torch.bfloat16 if cuda else torch.float32)
-    t @ t, sync()
-    best = min(_time(lambda: (t @ t, sync())) for _ in range(repeats))
-    rates["torch"] = max(rates["torch"], 2 * n**3 / best)
+    return lambda: (t @ t, sync())
+
+  rates["torch"] = best_rate(torch_square)
   return rates
 
 

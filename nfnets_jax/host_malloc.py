@@ -21,11 +21,11 @@ makes `import nfnets_jax` call `tune()` (child processes inherit it). On a
 spread 20% -> 5%) when run alternately with another process, as
 `benchmarks/throughput.py` does, but alone the F0 step ran as fast without
 it (2.14-2.18 vs 2.08-2.24 img/s), and the single arena made the small
-`experiments.agc_batch_size --quick` run 6-12% slower (16.3 -> 18.2 s; threads
-contending for the one arena's lock, probably: not profiled). The process also keeps its peak heap until
-it exits, and glibc's aligned blocks can leave gaps in it (a jitted function
-with one 256 MB temporary: peak RSS 1.9 GB instead of 0.6 GB). Other C
-libraries (musl, macOS) are left alone.
+`experiments.agc_batch_size --quick` run 6-12% slower (16.3 -> 18.2 s;
+threads contending for the one arena's lock, probably: not profiled). The
+process also keeps its peak heap until it exits, and glibc's aligned blocks
+can leave gaps in it (a jitted function with one 256 MB temporary: peak RSS
+1.9 GB instead of 0.6 GB). Other C libraries (musl, macOS) are left alone.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def tune(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
   """Applies `SETTINGS` with glibc's `mallopt`; returns what it set.
 
   Returns an empty dict (and changes nothing) unless `environ[ENV]` is '1'
-  and the C library is glibc. Raises RuntimeError if glibc
-  rejects a setting.
+  and the C library is glibc. Raises RuntimeError if glibc rejects a
+  setting.
   """
   if environ.get(ENV) != "1" or platform.libc_ver()[0] != "glibc":
     return {}
@@ -58,7 +58,7 @@ def tune(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
   applied = {}
   for name, (param, value) in SETTINGS.items():
     if mallopt(param, value) != 1:
-      raise RuntimeError(f"glibc mallopt({name}={value}) failed; set "
-                         f"unset {ENV} to keep glibc's defaults")
+      raise RuntimeError(f"glibc mallopt({name}={value}) failed; unset "
+                         f"{ENV} to keep glibc's defaults")
     applied[name] = value
   return applied
