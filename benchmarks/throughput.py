@@ -17,10 +17,10 @@ used, when a row's repetitions spread (max - min) / median more than
 It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process imports
 nfnets_jax, so timm runs under the same glibc malloc settings as ours
 (`nfnets_jax/host_malloc.py`; NFNETS_JAX_MALLOC=0 gives both glibc's
-defaults, under which both ran slower and spread 20-40% here). CPU: float32
-for both, every core (torch's thread count = cores). GPU: ours in bfloat16
-activations with float32 params, timm under bf16 autocast; peak device
-memory per row. `benchmarks/gpu_run.sh` is the whole GPU run.
+defaults; see README "Performance"). CPU: float32 for both, every core
+(torch's thread count = cores). GPU: ours in bfloat16 activations with
+float32 params, timm under bf16 autocast; peak device memory per row.
+`benchmarks/gpu_run.sh` is the whole GPU run.
 
 Usage:
   python benchmarks/throughput.py                        # F0, 192 px, 8 and 32

@@ -17,14 +17,15 @@ in `benchmarks/throughput.py`, see README "Performance").
     most 64 MB, which large blocks cannot use).
 It is a trade-off, so it is opt-in: `NFNETS_JAX_MALLOC=1` in the environment
 makes `import nfnets_jax` call `tune()` (child processes inherit it). On a
-2-core machine it made the F0 train step 1.31x faster (1.75 -> 2.30 img/s,
-spread 20% -> 5%) when run alternately with another process, as
-`benchmarks/throughput.py` does, but alone the F0 step ran as fast without
-it (2.14-2.18 vs 2.08-2.24 img/s), and the single arena made the small
-`experiments.agc_batch_size --quick` run 6-12% slower (16.3 -> 18.2 s;
-threads contending for the one arena's lock, probably: not profiled). The
-process also keeps its peak heap until it exits, and glibc's aligned blocks
-can leave gaps in it (a jitted function with one 256 MB temporary: peak RSS
+quiet 2-core machine (load 0.5 before), with timm's step alternating in
+another process as `benchmarks/throughput.py` runs it, the F0 train step
+went 2.02 -> 2.39 img/s and inference 7.69 -> 9.19 img/s (batch 8); alone,
+the F0 step ran as fast without it (2.28-2.38 vs 2.31-2.38 img/s), and the
+single arena made the small `experiments.agc_batch_size --quick` run 6-12%
+slower (16.3 -> 18.2 s, back-to-back runs at load 1.2-2.2; threads
+contending for the one arena's lock, probably: not profiled). The process
+also keeps its peak heap until it exits, and glibc's aligned blocks can
+leave gaps in it (a jitted function with one 256 MB temporary: peak RSS
 1.9 GB instead of 0.6 GB). Other C libraries (musl, macOS) are left alone.
 """
 from __future__ import annotations
