@@ -8,8 +8,10 @@ tests run few tiny steps, where compile time dominates.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -48,6 +50,8 @@ def subprocess_env(devices: int = 1, cache_dir: str | None = None
       "--xla_backend_optimization_level=0",
       "--xla_llvm_disable_expensive_passes=true"])
   env["JAX_PLATFORMS"] = "cpu"
+  # SIGABRT (sent to a run that hangs) prints every thread's Python stack.
+  env["PYTHONFAULTHANDLER"] = "1"
   if cache_dir:
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -67,10 +71,60 @@ def run_train(workdir: str, *flags: str, devices: int = 1,
               extra_env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
   """Runs a tiny training to completion; returns the finished process."""
-  return subprocess.run(
-      train_command(workdir, *flags, config=config), cwd=REPO,
+  args = train_command(workdir, *flags, config=config)
+  proc = subprocess.Popen(
+      args, cwd=REPO,
       env={**subprocess_env(devices, cache_dir), **(extra_env or {})},
-      capture_output=True, text=True, timeout=timeout, check=False)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  (stdout, stderr), = communicate_all([proc], timeout)
+  return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float
+                    ) -> list[tuple[str, str]]:
+  """`(stdout, stderr)` of each process, all finished within `timeout` s.
+
+  Every process's pipes are drained at once (one thread each): a process
+  whose pipe fills while another is waited on blocks on its write, and if
+  the other waits for it (a collective, a barrier) neither ends.
+
+  Raises:
+    AssertionError: a process was still running at the deadline. Each one
+      still running gets SIGABRT, so that its stderr ends with the Python
+      stack of every thread (faulthandler, see `subprocess_env`), and the
+      error shows the end of every process's output.
+  """
+  outputs: list[tuple[str, str] | None] = [None] * len(procs)
+
+  def drain(i: int) -> None:
+    outputs[i] = procs[i].communicate()
+
+  threads = [threading.Thread(target=drain, args=(i,), daemon=True)
+             for i in range(len(procs))]
+  for thread in threads:
+    thread.start()
+  deadline = time.time() + timeout
+  for thread in threads:
+    thread.join(max(deadline - time.time(), 0))
+  hung = [i for i, proc in enumerate(procs) if proc.poll() is None]
+  if not hung:
+    for thread in threads:
+      thread.join()
+    return outputs
+  for i in hung:
+    procs[i].send_signal(signal.SIGABRT)
+  for i, thread in enumerate(threads):
+    thread.join(30)
+    if thread.is_alive():
+      procs[i].kill()
+      thread.join()
+  reports = []
+  for i, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+    state = "hung" if i in hung else f"exited {proc.returncode}"
+    reports.append(f"--- process {i} ({state}) stdout:\n{stdout[-2000:]}"
+                   f"\n--- process {i} stderr:\n{stderr[-12000:]}")
+  raise AssertionError(f"{len(hung)} of {len(procs)} process(es) still "
+                       f"running after {timeout} s:\n" + "\n".join(reports))
 
 
 def start_train(workdir: str, *flags: str, devices: int = 1,
@@ -114,14 +168,7 @@ def run_two_processes(workdir: str, cache_dir: str, *flags: str,
           cwd=REPO, env=subprocess_env(1, cache_dir),
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+  outputs = communicate_all(procs, timeout)
   for i, (proc, (_, stderr)) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f"process {i}: {stderr[-4000:]}"
   return outputs

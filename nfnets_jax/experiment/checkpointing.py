@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any, NamedTuple
 import zlib
 
@@ -123,6 +124,38 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
   text = (str(err).strip().splitlines() or [""])[0]
   text = text[:limit] + ("..." if len(text) > limit else "")
   return f"{type(err).__name__}: {text}"
+
+
+def _is_late_read_callback(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a read finishing after orbax quit."""
+  exc = unraisable.exc_value
+  return (unraisable.object is None and isinstance(exc, RuntimeError)
+          and str(exc) == "Event loop is closed")
+
+
+def drop_late_read_callbacks() -> None:
+  """Silences the reads of a failed restore that finish after it raised.
+
+  When one array of a step cannot be read, orbax's restore raises and closes
+  its asyncio event loop while TensorStore still completes the step's other
+  reads; each completion then fails to reach the closed loop and prints a
+  bare "RuntimeError: Event loop is closed" traceback through
+  `sys.unraisablehook`: hundreds per damaged step, over 64 KB of stderr
+  (enough to block a process whose stderr is a pipe nobody reads yet).
+  Called before each restore (some reads finish before the error reaches
+  us), it wraps the hook, once per process, to drop exactly those; every
+  other unraisable exception goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_late_read_callbacks", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_late_read_callback(unraisable):
+      previous(unraisable)
+
+  hook.drops_late_read_callbacks = True
+  sys.unraisablehook = hook
 
 
 def verify(state: Any, data: Any, step: int, step_dir: str) -> bool:
@@ -302,6 +335,7 @@ class Checkpointer:
       CorruptCheckpointError: it cannot be read or fails its checksums.
     """
     self._check_fits(template, step)
+    drop_late_read_callbacks()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template),
