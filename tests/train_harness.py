@@ -71,13 +71,11 @@ def run_train(workdir: str, *flags: str, devices: int = 1,
               extra_env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
   """Runs a tiny training to completion; returns the finished process."""
-  args = train_command(workdir, *flags, config=config)
-  proc = subprocess.Popen(
-      args, cwd=REPO,
-      env={**subprocess_env(devices, cache_dir), **(extra_env or {})},
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = start_train(workdir, *flags, devices=devices, cache_dir=cache_dir,
+                     config=config, extra_env=extra_env)
   (stdout, stderr), = communicate_all([proc], timeout)
-  return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
+                                     stderr)
 
 
 def communicate_all(procs: list[subprocess.Popen], timeout: float
@@ -129,12 +127,13 @@ def communicate_all(procs: list[subprocess.Popen], timeout: float
 
 def start_train(workdir: str, *flags: str, devices: int = 1,
                 cache_dir: str | None = None,
-                config: str = DEFAULT_CONFIG + ":smoke") -> subprocess.Popen:
+                config: str = DEFAULT_CONFIG + ":smoke",
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
   """Starts a tiny training; the caller waits for or signals it."""
   return subprocess.Popen(
       train_command(workdir, *flags, config=config), cwd=REPO,
-      env=subprocess_env(devices, cache_dir), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+      env={**subprocess_env(devices, cache_dir), **(extra_env or {})},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, workdir: str, step: int,
@@ -159,14 +158,12 @@ def run_two_processes(workdir: str, cache_dir: str, *flags: str,
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
   procs = [
-      subprocess.Popen(
-          train_command(
-              workdir, "--config.distributed.initialize=True",
-              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-              "--config.distributed.num_processes=2",
-              f"--config.distributed.process_id={i}", *flags),
-          cwd=REPO, env=subprocess_env(1, cache_dir),
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      start_train(
+          workdir, "--config.distributed.initialize=True",
+          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+          "--config.distributed.num_processes=2",
+          f"--config.distributed.process_id={i}", *flags,
+          cache_dir=cache_dir)
       for i in range(2)]
   outputs = communicate_all(procs, timeout)
   for i, (proc, (_, stderr)) in enumerate(zip(procs, outputs)):
