@@ -349,7 +349,8 @@ def report_rows(contenders: list[Worker], batch: int, flops: float,
         row[f"{kind}_mfu_peak"] = ips * per_image / peak
       if base is not None:
         why = invalid_machine or next(
-            (f"{d.name} {kind} spread {spread(d.times[kind]):.0%} > "
+            (f"{d.name} batch {batch} {kind} spread "
+             f"{spread(d.times[kind]):.0%} > "
              f"{max_spread:.0%}" for d in (c, base)
              if spread(d.times[kind]) > max_spread), None)
         row[f"{kind}_ratio"] = (
