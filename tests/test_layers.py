@@ -228,3 +228,18 @@ def test_split_1x1_conv_is_a_matmul_with_numpy_gradients():
                              rtol=1e-5, atol=1e-5)
   hlo = jax.jit(f).lower(x, w).as_text()
   assert "dot_general" in hlo and "convolution" not in hlo
+
+
+def test_add_bias_value_and_gradients_match_numpy():
+  # y = x + b; dy/dx = g; dy/db = sum of g over all leading axes; jvp adds db.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  b = rng.normal(size=(5,)).astype(np.float32)
+  g = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  out, vjp = jax.vjp(layers.add_bias, jnp.asarray(x), jnp.asarray(b))
+  dx, db = vjp(jnp.asarray(g))
+  np.testing.assert_allclose(out, x + b, rtol=1e-6)
+  np.testing.assert_allclose(dx, g, rtol=1e-6)
+  np.testing.assert_allclose(db, g.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+  _, tangent = jax.jvp(layers.add_bias, (x, b), (g, b))
+  np.testing.assert_allclose(tangent, g + b, rtol=1e-6)
