@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import functools
 from typing import Literal
 
 import haiku as hk
@@ -104,6 +105,38 @@ def get_activation(name: str, scaled: bool = True) -> Activation:
   return lambda x: fn(x) * jnp.asarray(gamma, x.dtype)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def broadcast_rows(v: jax.Array, rows: int) -> jax.Array:
+  """`[C]` `v` repeated into `[rows, C]`, with a matmul for its gradient.
+
+  Same value as `jnp.broadcast_to`. Its tangent is `ones[rows, 1] @ dv[None]`,
+  so the reverse-mode gradient for `v` is `ones[1, rows] @ g` where plain
+  broadcasting gives a column `reduce_sum` (XLA:CPU runs those at ~1 GB/s
+  and tree-splits them into reduce-windows): the gradient of a conv + bias +
+  GELU at `[8, 96, 96, 256]` took 142 ms with the reduction and 44 ms with
+  the matmul on a 2-core Xeon.
+  """
+  return jnp.broadcast_to(v, (rows, v.shape[-1]))
+
+
+@broadcast_rows.defjvp
+def _broadcast_rows_jvp(rows, primals, tangents):
+  (v,), (dv,) = primals, tangents
+  return (broadcast_rows(v, rows),
+          jnp.ones((rows, 1), dv.dtype) @ dv[None, :])
+
+
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """`x + bias` over the last axis; the bias gradient is a matmul.
+
+  Args:
+    x: `[..., C]`.
+    bias: `[C]`, same dtype as `x`.
+  """
+  rows = x.size // x.shape[-1]
+  return x + broadcast_rows(bias, rows).reshape(x.shape)
+
+
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
                        eps_mode: EpsMode = "clamp") -> jax.Array:
   """Scaled Weight Standardization of an HWIO kernel, per output channel.
@@ -134,38 +167,99 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
   return w * scale - mean * scale
 
 
-@jax.custom_jvp
-def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
-  """`x + bias` over the last axis, with a matmul for the bias's gradient.
-
-  Same value as `x + bias`. Its reverse-mode gradient for `bias` is
-  `ones[1, M] @ g[M, C]` (M = x.size // C) where plain broadcasting gives a
-  column `reduce_sum`: XLA:CPU runs such reductions at ~1 GB/s and tree-splits
-  them into reduce-windows; the matmul streams g at memory speed (the
-  gradient of a conv + bias + GELU at [8, 96, 96, 256] took 142 ms with the
-  reduction and 44 ms with the matmul on a 2-core Xeon).
-
-  Args:
-    x: `[..., C]`.
-    bias: `[C]`, same dtype as `x`.
-  """
-  return x + bias
-
-
-@add_bias.defjvp
-def _add_bias_jvp(primals, tangents):
-  x, bias = primals
-  dx, dbias = tangents
-  rows = x.size // x.shape[-1]
-  dbias_rows = jnp.ones((rows, 1), dbias.dtype) @ dbias[None, :]
-  return x + bias, dx + dbias_rows.reshape(x.shape)
-
-
 def _conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
           padding: tuple[tuple[int, int], ...], groups: int = 1) -> jax.Array:
   return jax.lax.conv_general_dilated(
       x, w, window_strides=stride, padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _nhwc_to_chwn(x: jax.Array) -> jax.Array:
+  """`transpose(x, (3, 1, 2, 0))` computed as a dot with an N x N identity.
+
+  XLA:CPU fuses the producers of a transpose into its loop (in an NFNet,
+  the scaled GELU that feeds a convolution) and then reads every input
+  element from a different cache line: the CHWN transpose of an
+  `[8, 96, 96, 64]` activation took 128 ms in an F0 train step. A dot
+  cannot take producers into its loop and Eigen reads its operands in
+  blocks: 2.4x faster at `[32, 48, 48, 128]` (65 against 160 ms), on par at
+  `[8, 96, 96, 64]`. The values are exact: each output is one `x * 1` plus
+  zeros.
+  """
+  n, h, w, c = x.shape
+  rows = x.reshape(n, h * w * c)
+  eye = jnp.eye(n, dtype=x.dtype)
+  swapped = jax.lax.dot_general(rows, eye, (((0,), (0,)), ((), ())))
+  return jnp.transpose(swapped.reshape(h * w, c, n), (1, 0, 2)).reshape(
+      c, h, w, n)
+
+
+def _split_kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...],
+                       stride: tuple[int, ...],
+                       padding: tuple[tuple[int, int], ...],
+                       groups: int) -> jax.Array:
+  """Kernel gradient of a grouped NHWC x HWIO convolution, group by group.
+
+  `dW[i, j, c, o] = sum_{n, h, w} x_pad[n, s*h + i, s*w + j, c] g[n, h, w, o]`
+  is a convolution of `x` laid out CHWN (batch C, features N) with `g` laid
+  out HWNO, dilated by the stride: XLA's own kernel gradient, with the CHWN
+  transpose done once for all groups by `_nhwc_to_chwn`.
+
+  Args:
+    x: input `[N, H, W, C_in]`.
+    g: output gradient `[N, H', W', C_out]`.
+    kernel_shape: `(kh, kw, C_in // groups, C_out)`.
+    stride, padding: of the forward convolution.
+    groups: feature group count.
+
+  Returns:
+    `[kh, kw, C_in // groups, C_out]`.
+  """
+  kh, kw, cg, c_out = kernel_shape
+  og = c_out // groups
+  x_chwn = _nhwc_to_chwn(x)
+  g_hwno = jnp.transpose(g, (1, 2, 0, 3))
+  grads = []
+  for i in range(groups):
+    dw = jax.lax.conv_general_dilated(
+        x_chwn[i * cg:(i + 1) * cg], g_hwno[..., i * og:(i + 1) * og],
+        window_strides=(1, 1), padding=padding, rhs_dilation=stride,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # [cg, >= kh, >= kw, og]
+    grads.append(jnp.transpose(dw[:, :kh, :kw], (1, 2, 0, 3)))
+  return grads[0] if groups == 1 else jnp.concatenate(grads, axis=-1)
+
+
+def _split_conv_primal(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
+                       padding: tuple[tuple[int, int], ...],
+                       groups: int) -> jax.Array:
+  if groups == 1:
+    return _conv(x, w, stride, padding)
+  xs = jnp.split(x, groups, axis=-1)
+  ws = jnp.split(w, groups, axis=-1)
+  return jnp.concatenate([_conv(xi, wi, stride, padding)
+                          for xi, wi in zip(xs, ws)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _split_conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
+                padding: tuple[tuple[int, int], ...], groups: int) -> jax.Array:
+  """Each group its own convolution; kernel gradient by `_split_kernel_grad`."""
+  return _split_conv_primal(x, w, stride, padding, groups)
+
+
+def _split_conv_fwd(x, w, stride, padding, groups):
+  return _split_conv_primal(x, w, stride, padding, groups), (x, w)
+
+
+def _split_conv_bwd(stride, padding, groups, residuals, g):
+  x, w = residuals
+  _, input_vjp = jax.vjp(
+      lambda x: _split_conv_primal(x, w, stride, padding, groups), x)
+  (dx,) = input_vjp(g)
+  return dx, _split_kernel_grad(x, g, w.shape, stride, padding, groups)
+
+
+_split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
 
 
 def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
@@ -179,11 +273,11 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
   - 'split': each group as its own ungrouped convolution, outputs
     concatenated. XLA:CPU's grouped convolution and its gradients run
     5-13x slower than the same groups computed apart (benchmarks/
-    conv_layers.py); gradients are XLA's own for each group. An ungrouped
-    1x1 stride-1 kernel is a matmul `[N*H*W, C_in] @ [C_in, C_out]`: its
-    kernel gradient is then a dot over N*H*W, where a convolution's makes
-    XLA:CPU transpose the input to CHWN and the output gradient to HWNC
-    (0.46 of the 0.87 GB of transposes in an F0 train step at batch 8).
+    conv_layers.py). The input gradient is XLA's own; the kernel gradient
+    is XLA's formula with the input's CHWN transpose done as a dot
+    (`_nhwc_to_chwn`). An ungrouped 1x1 stride-1 kernel is a matmul
+    `[N*H*W, C_in] @ [C_in, C_out]`: its kernel gradient is then a dot over
+    N*H*W, with no transpose at all.
   'auto' picks 'split' on CPU and 'native' elsewhere.
 
   Args:
@@ -212,12 +306,7 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
       any(p) for p in padding):
     n, h, wd, c = x.shape
     return (x.reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, -1)
-  if groups == 1:
-    return _conv(x, w, stride, padding)
-  xs = jnp.split(x, groups, axis=-1)
-  ws = jnp.split(w, groups, axis=-1)
-  return jnp.concatenate([_conv(xi, wi, stride, padding)
-                          for xi, wi in zip(xs, ws)], axis=-1)
+  return _split_conv(x, w, stride, padding, groups)
 
 
 class WSConv2D(hk.Conv2D):
