@@ -142,7 +142,12 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
   """Scaled Weight Standardization of an HWIO kernel, per output channel.
 
   `W_hat = gain * (W - mean) / (std * sqrt(fan_in))`, with mean and std over
-  the fan-in axes (all but the last), fused into one scale and one shift.
+  the fan-in axes (all but the last). Mean and variance are dots of a
+  `[1, fan_in]` row of `1 / fan_in` with the `[fan_in, out]` kernel (float32,
+  `Precision.HIGHEST`): XLA:CPU splits a column reduction into reduce-windows,
+  about 140 ms of a 1.26 s F0 train step at batch 8, and runs the dots and
+  their outer-product gradients in its matmul kernels (F0 train step +3.5% to
+  +5.7%, three interleaved A/Bs on a 2-core EPYC).
 
   Args:
     w: kernel `[..., fan_in_dims, out]` (HWIO for a 2D conv).
@@ -154,17 +159,20 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
   Returns:
     The standardized kernel, same shape and dtype as `w`.
   """
-  axes = tuple(range(w.ndim - 1))
-  fan_in = np.prod(w.shape[:-1])
-  mean = jnp.mean(w, axis=axes, keepdims=True)
-  var = jnp.var(w, axis=axes, keepdims=True)
+  fan_in, out = int(np.prod(w.shape[:-1])), w.shape[-1]
+  w2d = w.reshape(fan_in, out)
+  average = jnp.full((1, fan_in), 1.0 / fan_in, w.dtype)
+  mean = jnp.dot(average, w2d, precision=jax.lax.Precision.HIGHEST)
+  centered = w2d - mean
+  var = jnp.dot(average, centered * centered,
+                precision=jax.lax.Precision.HIGHEST)
   if eps_mode == "clamp":
     scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
   elif eps_mode == "add":
     scale = jax.lax.rsqrt((var + eps) * fan_in) * gain
   else:
     raise ValueError(f"eps_mode={eps_mode!r}; allowed: 'clamp', 'add'")
-  return w * scale - mean * scale
+  return (centered * scale).reshape(w.shape)
 
 
 def _conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],

@@ -73,6 +73,34 @@ def test_standardize_weight_eps_modes():
     layers.standardize_weight(w, gain, 1e-4, "bad")
 
 
+def test_standardize_weight_gradient_matches_numpy_finite_differences():
+  rng = np.random.default_rng(1)
+  w = rng.normal(0.2, 1.5, (3, 3, 2, 3))
+  gain = rng.uniform(0.5, 2.0, 3)
+  probe = rng.normal(size=w.shape)  # loss = sum(probe * W_hat)
+
+  def loss(w_, gain_):
+    return np.sum(probe * _numpy_standardize(w_, gain_, 1e-4))
+
+  def central_difference(f, x, h=1e-5):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+      step = np.zeros_like(x)
+      step[i] = h
+      grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+  got_w, got_gain = jax.grad(
+      lambda w_, g_: jnp.sum(jnp.asarray(probe, jnp.float32)
+                             * layers.standardize_weight(w_, g_)),
+      argnums=(0, 1))(jnp.asarray(w, jnp.float32),
+                      jnp.asarray(gain, jnp.float32))
+  np.testing.assert_allclose(got_w, central_difference(lambda x: loss(x, gain),
+                                                       w), rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(got_gain, central_difference(
+      lambda g: loss(w, g), gain), rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_split_grouped_conv_equals_native(stride, groups):
