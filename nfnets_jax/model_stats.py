@@ -3,6 +3,9 @@
 FLOPs are counted as the papers do: multiply-accumulates (MACs) of the
 convolutions and matrix multiplies (classifier, squeeze-excite linears) for
 one image; elementwise ops, pooling and weight standardization are free.
+Work on the weights alone (weight standardization's mean and variance are
+dots) does not grow with the batch, so a model's count is the MACs of a
+2-image forward minus those of a 1-image one.
 """
 from __future__ import annotations
 
@@ -64,8 +67,8 @@ def count_flops(model_fn: ModelFn, image_size: int, channels: int = 3) -> int:
   """Multiply-accumulates of one forward pass on one image (eval mode).
 
   Args:
-    model_fn: maps NHWC images to outputs (called with batch 1), run inside
-      `hk.transform_with_state`; build the model for evaluation.
+    model_fn: maps NHWC images to outputs (traced with batches 1 and 2),
+      run inside `hk.transform_with_state`; build the model for evaluation.
     image_size: input height and width (the paper uses the test resolution).
     channels: input channels.
 
@@ -74,6 +77,10 @@ def count_flops(model_fn: ModelFn, image_size: int, channels: int = 3) -> int:
   """
   f = hk.transform_with_state(model_fn)
   params, state = init_shapes(model_fn, image_size, channels)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
-  closed = jax.make_jaxpr(f.apply)(params, state, None, x)
-  return _jaxpr_macs(closed.jaxpr)
+
+  def macs(batch: int) -> int:
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, channels),
+                             jnp.float32)
+    return _jaxpr_macs(jax.make_jaxpr(f.apply)(params, state, None, x).jaxpr)
+
+  return macs(2) - macs(1)

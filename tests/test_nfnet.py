@@ -36,6 +36,13 @@ def test_params_and_flops_match_paper(variant):
   np.testing.assert_allclose(flops / 1e9, flops_b, rtol=0.01)
 
 
+def test_flops_count_conv_and_dense_macs_not_weight_standardization():
+  def fn(x):
+    x = nj.layers.WSConv2D(8, 3)(x)  # 8x8 outputs x 8 channels x (3*3*3).
+    return hk.Linear(10)(jnp.mean(x, axis=(1, 2)))  # 8 x 10.
+  assert nj.count_flops(fn, 8) == 8 * 8 * 8 * 27 + 8 * 10
+
+
 def test_f0_parameter_names_mirror_official_release():
   params, _ = model_stats.init_shapes(_eval_fn("F0"), 64)
   assert nj.count_params(params) == 71_489_284
