@@ -16,9 +16,10 @@ used, when a row's repetitions spread (max - min) / median more than
 
 It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process imports
 nfnets_jax, so timm runs under the same glibc malloc settings as ours
-(`nfnets_jax/host_malloc.py`; NFNETS_JAX_MALLOC=0 gives both glibc's
-defaults; see README "Performance"). CPU: float32 for both, every core
-(torch's thread count = cores). GPU: ours in bfloat16 activations with
+(`nfnets_jax/host_malloc.py`, which also makes our CPU dispatch synchronous;
+NFNETS_JAX_MALLOC=0 gives both glibc's defaults and ours JAX's asynchronous
+dispatch; see README "Performance"). CPU:
+float32 for both, every core (torch's thread count = cores). GPU: ours in bfloat16 activations with
 float32 params, timm under bf16 autocast; peak device memory per row.
 `benchmarks/gpu_run.sh` is the whole GPU run.
 
@@ -43,7 +44,7 @@ from collections.abc import Callable, Sequence
 
 # Several processes share one GPU: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# Alternating processes: keep freed buffers (nfnets_jax/host_malloc.py).
+# Keep freed buffers, dispatch synchronously (nfnets_jax/host_malloc.py).
 os.environ.setdefault("NFNETS_JAX_MALLOC", "1")
 
 import nfnets_jax as nj  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -451,9 +452,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   header = [f"backend={backend} device={device} cores={cores} "
             f"variant={args.variant} size={args.size} dtype={dtype.name} "
             f"jax={jax.__version__} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}",
-            "malloc (every process, both sides): " + (" ".join(
+            "host_malloc.tune() (every process): " + (" ".join(
                 f"{k}={v}" for k, v in host_malloc.tune().items())
-                or "glibc's defaults"),
+                or "off: glibc's defaults, asynchronous dispatch"),
             f"load before: {load_before:.2f} (1-min average, "
             f"{load_before / cores:.2f} per core)"]
   print("\n".join(header), flush=True)

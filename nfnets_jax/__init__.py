@@ -10,7 +10,7 @@ from nfnets_jax import cpu_flags
 from nfnets_jax import host_malloc
 
 cpu_flags.apply()  # Before any JAX computation starts a backend.
-host_malloc.tune()  # If NFNETS_JAX_MALLOC=1; before XLA allocates buffers.
+host_malloc.tune()  # If NFNETS_JAX_MALLOC=1; before any backend starts.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets_jax.agc import AdaptiveGradClipState

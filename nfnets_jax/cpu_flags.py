@@ -46,7 +46,7 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> list[str]:
   if not added:
     return []
   environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
-  if environ is os.environ and _backend_started():
+  if environ is os.environ and backend_started():
     warnings.warn(
         "nfnets_jax was imported after JAX started its backend, so its "
         f"CPU flags ({' '.join(added)}) do not apply to this process; "
@@ -55,7 +55,8 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> list[str]:
   return added
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+  """Whether a JAX backend (and so its flags and client options) exists."""
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     return xla_bridge.backends_are_initialized()

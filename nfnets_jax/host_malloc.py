@@ -1,65 +1,93 @@
-"""glibc malloc settings that stop XLA:CPU re-faulting its buffers every step.
+"""Host memory settings that stop XLA:CPU re-faulting its buffers every step.
 
-XLA:CPU allocates a train step's temporaries with `malloc` and frees them
-when the step ends. glibc serves blocks over 32 MB with a fresh `mmap`,
-returns them with `munmap` and trims its heaps back to the kernel, so every
-step page-faults that memory in again: for NFNet-F0 at 192 px, batch 8,
-about 320,000 minor faults (1.3 GB) and 0.5-1 s of kernel time per step on a
-2-core machine. Keeping freed memory in the process, as tcmalloc and
-jemalloc do, removes the faults (numbers are unchanged; speed-ups measured
-in `benchmarks/throughput.py`, see README "Performance").
+XLA:CPU allocates a train step's temporaries with `malloc` on the thread
+that runs the step and frees them when the step ends. Under glibc's defaults
+blocks over 32 MB come from a fresh `mmap` and go back with `munmap`, so
+every step page-faults that memory in again: for NFNet-F0 at 192 px, batch
+8, about 290,000 minor faults (1.2 GB) and 0.45 s of kernel time per step on
+a 2-core machine.
 
-`tune()` sets, with `mallopt(3)`:
-  - `M_MMAP_MAX = 0`: large blocks come from the heap, not from `mmap`;
-  - `M_TRIM_THRESHOLD = -1`: freed heap memory is kept, never trimmed;
-  - `M_ARENA_MAX = 1`: one arena for all threads, so a block freed on one
-    thread is reused on another (per-thread arenas are `mmap`ed heaps of at
-    most 64 MB, which large blocks cannot use).
-It is a trade-off, so it is opt-in: `NFNETS_JAX_MALLOC=1` in the environment
-makes `import nfnets_jax` call `tune()` (child processes inherit it). On a
-quiet 2-core machine (load 0.5 before), with timm's step alternating in
-another process as `benchmarks/throughput.py` runs it, the F0 train step
-went 2.02 -> 2.39 img/s and inference 7.69 -> 9.19 img/s (batch 8); alone,
-the F0 step ran as fast without it (2.28-2.38 vs 2.31-2.38 img/s), and the
-single arena made the small `experiments.agc_batch_size --quick` run 6-12%
-slower (16.3 -> 18.2 s, back-to-back runs at load 1.2-2.2; threads
-contending for the one arena's lock, probably: not profiled). The process
-also keeps its peak heap until it exits, and glibc's aligned blocks can
-leave gaps in it (a jitted function with one 256 MB temporary: peak RSS
-1.9 GB instead of 0.6 GB). Other C libraries (musl, macOS) are left alone.
+`tune()` keeps freed memory in the process:
+  - `M_MMAP_MAX = 0` and `M_TRIM_THRESHOLD = -1` (`mallopt(3)`): large blocks
+    come from the main heap, and freed heap memory is never given back;
+  - `jax_cpu_enable_async_dispatch = False`: the CPU backend runs a jitted
+    call on the calling thread instead of on a worker. Only the main thread
+    allocates from that heap; every other thread has its own glibc arena,
+    whose heaps hold at most 64 MB, so a larger block there is `mmap`ed and
+    unmapped whatever `M_MMAP_MAX` says. Run asynchronously, F0's 1.2 GB of
+    temporaries were faulted in every step even with the two settings above.
+The earlier way, one arena for all threads (`M_ARENA_MAX = 1`), had no
+faults but made the two Eigen threads queue on one lock: oneDNN's sgemm,
+inside XLA's convolutions, allocates a workspace per call (6,300-7,300
+voluntary context switches per step; `_int_malloc` 8% of the samples).
+
+F0 at 192 px, batch 8, 2-core Zen 5 EPYC, each setting in its own process,
+two alternating rounds: train step 5.73 / 5.77 img/s with glibc's defaults,
+6.16 / 6.15 with one arena, 7.12 / 7.13 with `tune()`; inference 22.0 /
+18.8, 20.6 / 19.5, 25.0 / 24.2. Numbers are unchanged (the same programs
+run); the process keeps its peak heap until it exits, and glibc's aligned
+blocks can leave gaps in it. Calls from threads other than the main one
+still fault (their arenas).
+
+It is a trade-off, so it is opt-in: `NFNETS_JAX_MALLOC=1` in the
+environment makes `import nfnets_jax` call `tune()` (child processes inherit
+it). Synchronous dispatch costs Python's overlap with small steps: on the
+same machine, one run each, `experiments.agc_batch_size` took 277 s with
+`tune()` and 238 s without (`experiments.clipping_threshold` 170 s and
+177 s, the digits default run 27.0 s and 29.4 s). A `JAX_CPU_ENABLE_ASYNC_DISPATCH` you
+set yourself wins. C libraries other than glibc (musl, macOS) are left
+alone.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 import ctypes
 import os
 import platform
+import warnings
 
 ENV = "NFNETS_JAX_MALLOC"
+ASYNC_ENV = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
 # mallopt(3) parameter numbers (glibc's malloc.h) -> value.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 SETTINGS: dict[str, tuple[int, int]] = {
     "M_MMAP_MAX": (M_MMAP_MAX, 0),
     "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
-    "M_ARENA_MAX": (M_ARENA_MAX, 1),
 }
 
 
-def tune(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
-  """Applies `SETTINGS` with glibc's `mallopt`; returns what it set.
+def tune(environ: MutableMapping[str, str] = os.environ
+         ) -> dict[str, int | bool]:
+  """Applies `SETTINGS` and synchronous CPU dispatch; returns what it set.
 
-  Returns an empty dict (and changes nothing) unless `environ[ENV]` is '1'
-  and the C library is glibc. Raises RuntimeError if glibc rejects a
-  setting.
+  Changes nothing (and returns an empty dict) unless `environ[ENV]` is '1'
+  and the C library is glibc. Leaves the dispatch mode alone when
+  `environ[ASYNC_ENV]` is set. Warns when a JAX backend already started:
+  the dispatch mode then applies to backends started afterwards only.
+
+  Raises:
+    RuntimeError: if glibc rejects a setting.
   """
   if environ.get(ENV) != "1" or platform.libc_ver()[0] != "glibc":
     return {}
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  applied = {}
+  applied: dict[str, int | bool] = {}
   for name, (param, value) in SETTINGS.items():
     if mallopt(param, value) != 1:
       raise RuntimeError(f"glibc mallopt({name}={value}) failed; unset "
                          f"{ENV} to keep glibc's defaults")
     applied[name] = value
+  if ASYNC_ENV not in environ:
+    import jax  # pylint: disable=g-import-not-at-top
+    from nfnets_jax import cpu_flags  # pylint: disable=g-import-not-at-top
+    if (jax.config.read("jax_cpu_enable_async_dispatch")
+        and cpu_flags.backend_started()):
+      warnings.warn(
+          "nfnets_jax was imported after JAX started its backend, so the "
+          "CPU backend keeps dispatching asynchronously and may page-fault "
+          "its buffers every step; import nfnets_jax before running any "
+          f"JAX computation, or set {ASYNC_ENV}=0 yourself", stacklevel=3)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    applied["jax_cpu_enable_async_dispatch"] = False
   return applied
