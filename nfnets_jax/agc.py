@@ -33,6 +33,11 @@ tests/test_agc.py, `OptaxAgreementTest`):
 * Low-precision gradients: here norms are float32; optax computes them in the
   gradient's dtype, where a float16 sum of squares overflows to inf and the
   gradient is zeroed.
+* Tiny gradients: optax and the official code divide by `max(||G||, 1e-6)`,
+  which shrinks a clipped unit below `clipping * max(||W||, eps)` when that
+  bound is under 1e-6 (never with the defaults eps=1e-3 and
+  clipping >= 1e-3); here the floor is float32's `tiny`, so a clipped unit's
+  norm is the bound.
 
 In short: for rank >= 2, every unit here is one index of the last axis.
 """
@@ -150,7 +155,12 @@ def _clip_one(
   g_norm = optax_transforms.unitwise_norm(g32, axis=axes)
   p_norm = optax_transforms.unitwise_norm(param.astype(jnp.float32), axis=axes)
   max_norm = clipping * jnp.maximum(p_norm, eps)
-  clipped = optax_transforms.unitwise_clip(g_norm, max_norm, g32)
+  # optax's default floor on the divisor (1e-6) over-clips units whose
+  # gradient norm lies between max_norm and 1e-6 (seen: 2.8e-7 -> 7.9e-8
+  # on clipping an already clipped gradient again); the float32 `tiny`
+  # only guards the division by zero that `g_norm > max_norm` rules out.
+  clipped = optax_transforms.unitwise_clip(
+      g_norm, max_norm, g32, div_eps=jnp.finfo(jnp.float32).tiny)
   # All entries of a unit share one norm, so any() over the unit axes reads
   # off one flag per unit.
   unit_clipped = jnp.any(g_norm > max_norm, axis=axes)
