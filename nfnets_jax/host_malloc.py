@@ -24,7 +24,8 @@ voluntary context switches per step; `_int_malloc` 8% of the samples).
 F0 at 192 px, batch 8, 2-core Zen 5 EPYC, each setting in its own process,
 two alternating rounds: train step 5.73 / 5.77 img/s with glibc's defaults,
 6.16 / 6.15 with one arena, 7.12 / 7.13 with `tune()`; inference 22.0 /
-18.8, 20.6 / 19.5, 25.0 / 24.2. Numbers are unchanged (the same programs
+18.8, 20.6 / 19.5, 25.0 / 24.2 (a third round, at higher load: one arena
+6.09, 5.98, 6.17; `tune()` 6.71, 6.07, 6.04). Numbers are unchanged (the same programs
 run); the process keeps its peak heap until it exits, and glibc's aligned
 blocks can leave gaps in it. Calls from threads other than the main one
 still fault (their arenas).
@@ -34,9 +35,9 @@ environment makes `import nfnets_jax` call `tune()` (child processes inherit
 it). Synchronous dispatch costs Python's overlap with small steps: on the
 same machine, one run each, `experiments.agc_batch_size` took 277 s with
 `tune()` and 238 s without (`experiments.clipping_threshold` 170 s and
-177 s, the digits default run 27.0 s and 29.4 s). A `JAX_CPU_ENABLE_ASYNC_DISPATCH` you
-set yourself wins. C libraries other than glibc (musl, macOS) are left
-alone.
+177 s, the digits default run 27.0 s and 29.4 s). A
+`JAX_CPU_ENABLE_ASYNC_DISPATCH` you set yourself wins. C libraries other than
+glibc (musl, macOS) are left alone.
 """
 from __future__ import annotations
 
