@@ -18,8 +18,8 @@ It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process imports
 nfnets_jax, so timm runs under the same glibc malloc settings as ours
 (`nfnets_jax/host_malloc.py`, which also makes our CPU dispatch synchronous;
 NFNETS_JAX_MALLOC=0 gives both glibc's defaults and ours JAX's asynchronous
-dispatch; see README "Performance"). CPU:
-float32 for both, every core (torch's thread count = cores). GPU: ours in bfloat16 activations with
+dispatch; see README "Performance"). CPU: float32 for both, every core
+(torch's thread count = cores). GPU: ours in bfloat16 activations with
 float32 params, timm under bf16 autocast; peak device memory per row.
 `benchmarks/gpu_run.sh` is the whole GPU run.
 

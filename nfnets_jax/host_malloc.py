@@ -25,10 +25,10 @@ F0 at 192 px, batch 8, 2-core Zen 5 EPYC, each setting in its own process,
 two alternating rounds: train step 5.73 / 5.77 img/s with glibc's defaults,
 6.16 / 6.15 with one arena, 7.12 / 7.13 with `tune()`; inference 22.0 /
 18.8, 20.6 / 19.5, 25.0 / 24.2 (a third round, at higher load: one arena
-6.09, 5.98, 6.17; `tune()` 6.71, 6.07, 6.04). Numbers are unchanged (the same programs
-run); the process keeps its peak heap until it exits, and glibc's aligned
-blocks can leave gaps in it. Calls from threads other than the main one
-still fault (their arenas).
+6.09, 5.98, 6.17; `tune()` 6.71, 6.07, 6.04). Numbers are unchanged (the
+same programs run); the process keeps its peak heap until it exits, and
+glibc's aligned blocks can leave gaps in it. Calls from threads other than
+the main one still fault (their arenas).
 
 It is a trade-off, so it is opt-in: `NFNETS_JAX_MALLOC=1` in the
 environment makes `import nfnets_jax` call `tune()` (child processes inherit
