@@ -74,9 +74,10 @@ class Worker:
 
   Ours and timm never share a process (no thread pool, allocator or flag of
   one can touch the other); each runs alone while the others block on a
-  pipe. On a 2-core machine our F0 step ran 1.96 img/s with no timm worker
-  and 1.27-1.37 alternating with one, in one process or in two: the slowdown
-  is not from sharing a process (cause not found; see README).
+  pipe. Each timed call waits `--pause` seconds first: right after the other
+  process's step, ours ran 7.27 img/s (F0 train, batch 8, 0.2 s pause) against
+  8.03 alone and 7.74 after a 2 s pause, and timm 6.60 against 7.61, with
+  spreads of 10-14% against 3-9% (2-core Zen 5 EPYC; cause not found).
   """
 
   def __init__(self, kind: str, *spec):
@@ -426,8 +427,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--max-spread", type=float, default=0.10)
   parser.add_argument("--max-steal", type=float, default=0.10,
                       help="largest fraction of CPU time the host may steal")
-  parser.add_argument("--pause", type=float, default=0.2,
-                      help="seconds of idle before each timed call")
+  parser.add_argument("--pause", type=float, default=2.0,
+                      help="seconds of idle before each timed call (0.2 s "
+                      "slowed both sides by 6-15%%, see README)")
   parser.add_argument("--cool-down", type=float, default=90.0,
                       help="max seconds to wait for the load to fall after")
   parser.add_argument("--out", help="also write the report (Markdown) and "

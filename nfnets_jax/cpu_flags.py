@@ -1,13 +1,22 @@
 """XLA:CPU flags that make NFNets train faster, set when nfnets_jax is imported.
 
-jaxlib 0.10.2 hands large convolutions and dots on CPU to YNNPACK. For the
-NHWC convolutions of NFNets, and above all their gradients, Eigen's kernels
-(XLA's other CPU path) are faster: forward + backward of a 3x3 32->64 conv
-at 96x96, batch 8, took 587 ms with YNNPACK and 120 ms without (torch: 90);
-an NFNet-F0 train step at 192 px ran 7-14% faster and inference 10-11%
-faster in two interleaved A/B runs on a noisy 2-core AVX2 machine
-(`benchmarks/conv_layers.py`, `benchmarks/throughput.py`). Numbers change
-only by float rounding.
+jaxlib 0.10.2 hands convolutions, dots, reductions and elementwise fusions on
+CPU to YNNPACK. We keep YNNPACK for plain dots and reductions only
+(`--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce`):
+- Convolutions stay on Eigen: YNNPACK's NHWC convolution gradients are slower
+  (a 3x3 32->64 conv at 96x96, batch 8: forward + backward 587 ms with
+  YNNPACK, 120 ms on Eigen on a 2-core AVX2 EPYC; kernel gradient of a 3x3
+  128->128 conv at 48x48 24.6 against 19.1 ms on a Zen 5 EPYC).
+- Dots go to YNNPACK: Eigen ran the input gradient of a 1x1 conv (a dot with
+  a transposed kernel) slowly, `[288, 3072] x [1536, 3072]^T` 21.8 ms against
+  6.3 ms with YNNPACK.
+- Reductions go to YNNPACK: XLA's own split the squeeze-excite means and
+  gradient sums into reduce-windows.
+F0 train step at 192 px, batch 8, one process, the programs compiled with
+each setting and interleaved (6 rounds, Zen 5 EPYC): 1213 ms with YNNPACK
+off, 1102 ms with dots and reductions on it (+10%); inference 348 against
+344 ms. Adding YNNPACK's elementwise fusions made both slower (train -5%,
+inference -12%). Numbers change only by float rounding.
 
 XLA reads `XLA_FLAGS` once, when the first JAX computation starts a backend,
 so `nfnets_jax` appends its flags at import. Flags the user already put in
@@ -20,8 +29,9 @@ from collections.abc import MutableMapping
 import os
 import warnings
 
-# flag name -> value. An empty YNN fusion list turns YNNPACK fusions off.
-CPU_XLA_FLAGS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# flag name -> value: YNNPACK for plain dots and reductions only.
+CPU_XLA_FLAGS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "individual_dot,reduce"}
 OPT_OUT_ENV = "NFNETS_JAX_XLA_FLAGS"
 
 
