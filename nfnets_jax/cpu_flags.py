@@ -13,10 +13,11 @@ CPU to YNNPACK. We keep YNNPACK for plain dots and reductions only
 - Reductions go to YNNPACK: XLA's own split the squeeze-excite means and
   gradient sums into reduce-windows.
 F0 train step at 192 px, batch 8, one process, the programs compiled with
-each setting and interleaved (6 rounds, Zen 5 EPYC): 1213 ms with YNNPACK
-off, 1102 ms with dots and reductions on it (+10%); inference 348 against
-344 ms. Adding YNNPACK's elementwise fusions made both slower (train -5%,
-inference -12%). Numbers change only by float rounding.
+each setting and interleaved (6 rounds): 1213 ms with YNNPACK off, 1102 ms
+with dots and reductions on it on a Zen 5 EPYC (+10%), 2172 against 1995 ms
+on a Zen 4 EPYC (+9%); inference 348 against 344 ms and 658 against 654.
+Adding YNNPACK's elementwise fusions made both slower (train -5%, inference
+-12%). Numbers change only by float rounding.
 
 XLA reads `XLA_FLAGS` once, when the first JAX computation starts a backend,
 so `nfnets_jax` appends its flags at import. Flags the user already put in
