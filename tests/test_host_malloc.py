@@ -40,7 +40,10 @@ def _run(code: str, **env) -> list[str]:
   """Stdout lines of `code` in a new CPU process with `env` added."""
   child = {k: v for k, v in os.environ.items()
            if k not in (host_malloc.ENV, host_malloc.ASYNC_ENV)}
-  child.update(env, JAX_PLATFORMS="cpu")
+  # Dots on Eigen: YNNPACK (cpu_flags) fuses the probe's dot and max and
+  # never materializes the temporary this measures.
+  child.update(env, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=")
   return subprocess.run([sys.executable, "-c", code], env=child, check=True,
                         capture_output=True, text=True).stdout.splitlines()
 
