@@ -8,6 +8,7 @@ Run it twice to see what the package's XLA:CPU flags do:
 
   python benchmarks/conv_layers.py                           # package flags
   NFNETS_JAX_XLA_FLAGS=0 python benchmarks/conv_layers.py    # XLA defaults
+  python benchmarks/conv_layers.py --batch 32 --impls split  # no native
 
 Prints the 1-minute load before and after: figures taken with a load above
 1 per core are not worth comparing.
@@ -32,10 +33,14 @@ F0_CONVS = [
     ("stage1 128 g1", 3, 128, 128, 1, 48, 1),
     ("stage2 256 g2 s2", 3, 256, 256, 2, 48, 2),
     ("stage2 256 g2", 3, 256, 256, 2, 24, 1),
+    ("stage3 768 g6 s2", 3, 768, 768, 6, 24, 2),
     ("stage3 768 g6", 3, 768, 768, 6, 12, 1),
+    ("stage4 768 g6 s2", 3, 768, 768, 6, 12, 2),
     ("stage4 768 g6", 3, 768, 768, 6, 6, 1),
     ("1x1 1536->768", 1, 1536, 768, 1, 12, 1),
+    ("1x1 768->1536", 1, 768, 1536, 1, 12, 1),
     ("1x1 128->128", 1, 128, 128, 1, 48, 1),
+    ("1x1 256->128", 1, 256, 128, 1, 48, 1),
 ]
 
 
@@ -85,6 +90,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--impls", nargs="+", default=["split", "native"],
+                      choices=["split", "native"],
+                      help="our lowerings to time ('native' grouped kernel "
+                      "gradients take seconds at batch 32)")
   parser.add_argument("--no-torch", action="store_true")
   args = parser.parse_args()
   print(f"load before: {os.getloadavg()[0]:.2f}; batch {args.batch}; "
@@ -93,12 +102,12 @@ def main() -> None:
   if not args.no_torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-  cols = ["split", "native"] + ([] if args.no_torch else ["torch"])
+  cols = args.impls + ([] if args.no_torch else ["torch"])
   print("| conv | " + " | ".join(cols) + " |")
   print("|---" * (len(cols) + 1) + "|")
   for name, *shape in F0_CONVS:
     cells = [time_ours(impl, *shape, args.batch, args.repeats)
-             for impl in ("split", "native")]
+             for impl in args.impls]
     if not args.no_torch:
       cells.append(time_torch(*shape, args.batch, args.repeats))
     print(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in cells)
