@@ -242,27 +242,28 @@ def test_split_conv_kernel_grad_matches_numpy_brute_force():
 
 
 @pytest.mark.parametrize("stride,pads,size", [
-    (2, ((1, 1), (1, 1)), (7, 6)), (2, ((0, 1), (2, 0)), (8, 9)),
-    (3, ((1, 1), (0, 2)), (10, 8))])
+    ((2, 2), ((1, 1), (1, 1)), (7, 6)), ((2, 2), ((0, 1), (2, 0)), (8, 9)),
+    ((3, 3), ((1, 1), (0, 2)), (10, 8)), ((2, 1), ((1, 1), (1, 1)), (7, 5))])
 def test_split_conv_strided_input_grad_matches_numpy_brute_force(stride, pads,
                                                                  size):
-  # dx[n, s*h + i - p_lo, s*v + j - q_lo, k*C + c] += W[i, j, c, k*O + o] *
+  # dx[n, sh*h + i - p_lo, sw*v + j - q_lo, k*C + c] += W[i, j, c, k*O + o] *
   # g[n, h, v, k*O + o]: each output scatters back through every tap.
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, *size, 6)).astype(np.float32)
   w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-  f = lambda x: layers.grouped_conv(x, jnp.asarray(w), stride=(stride,) * 2,
+  f = lambda x: layers.grouped_conv(x, jnp.asarray(w), stride=stride,
                                     padding=pads, groups=2, impl="split")
   out, vjp = jax.vjp(f, jnp.asarray(x))
   g = rng.normal(size=out.shape).astype(np.float32)
   (got,) = vjp(jnp.asarray(g))
   want = np.zeros((2, size[0] + sum(pads[0]), size[1] + sum(pads[1]), 6))
+  sh, sw = stride
   for k in range(2):
     for i in range(3):
       for j in range(3):
         for h in range(g.shape[1]):
           for v in range(g.shape[2]):
-            want[:, stride * h + i, stride * v + j, 3 * k:3 * k + 3] += (
+            want[:, sh * h + i, sw * v + j, 3 * k:3 * k + 3] += (
                 g[:, h, v, 2 * k:2 * k + 2] @ w[i, j, :, 2 * k:2 * k + 2].T)
   want = want[:, pads[0][0]:pads[0][0] + size[0],
               pads[1][0]:pads[1][0] + size[1]]
