@@ -2,13 +2,13 @@
 
 For each distinct 3x3 / 1x1 convolution of F0 at 192 px it times, in ms
 (median of `--repeats`), the forward and the gradient of `sum(out**2)` with
-respect to input and kernel, for `layers.grouped_conv` with impl='split'
-and 'native', and for `torch.nn.functional.conv2d` (same threads).
+respect to input and kernel, for `layers.grouped_conv` with impl='onednn',
+'split' and 'native', and for `torch.nn.functional.conv2d` (same threads).
 Run it twice to see what the package's XLA:CPU flags do:
 
   python benchmarks/conv_layers.py                           # package flags
   NFNETS_JAX_XLA_FLAGS=0 python benchmarks/conv_layers.py    # XLA defaults
-  python benchmarks/conv_layers.py --batch 32 --impls split  # no native
+  python benchmarks/conv_layers.py --batch 32 --impls onednn split  # no native
 
 Prints the 1-minute load before and after: figures taken with a load above
 1 per core are not worth comparing.
@@ -90,8 +90,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--impls", nargs="+", default=["split", "native"],
-                      choices=["split", "native"],
+  parser.add_argument("--impls", nargs="+",
+                      default=["onednn", "split", "native"],
+                      choices=["onednn", "split", "native"],
                       help="our lowerings to time ('native' grouped kernel "
                       "gradients take seconds at batch 32)")
   parser.add_argument("--no-torch", action="store_true")

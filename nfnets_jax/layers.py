@@ -18,8 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets_jax import onednn_conv
+
 Activation = Callable[[jax.Array], jax.Array]
-ConvImpl = Literal["auto", "native", "split"]
+# conv(x, w, stride, padding, groups) -> NHWC output.
+ConvFn = Callable[[jax.Array, jax.Array, tuple[int, ...],
+                   tuple[tuple[int, int], ...], int], jax.Array]
+ConvImpl = Literal["auto", "native", "split", "onednn"]
 EpsMode = Literal["clamp", "add"]
 
 # gamma such that Var(gamma * g(x)) = 1 for x ~ N(0, 1). These are the values
@@ -278,7 +283,7 @@ def _phase_taps(kernel: int, stride: int, pad_lo: int, phase: int
 def _strided_input_grad(g: jax.Array, w: jax.Array, input_hw: tuple[int, int],
                         stride: tuple[int, ...],
                         padding: tuple[tuple[int, int], ...],
-                        groups: int) -> jax.Array:
+                        groups: int, conv: ConvFn | None = None) -> jax.Array:
   """Input gradient of a strided grouped convolution, phase by phase.
 
   XLA computes it as a convolution of `g` dilated by the stride, so at
@@ -297,10 +302,13 @@ def _strided_input_grad(g: jax.Array, w: jax.Array, input_hw: tuple[int, int],
     input_hw: `(H, W)` of the forward input.
     stride, padding: of the forward convolution.
     groups: feature group count.
+    conv: runs each phase's stride-1 grouped convolution, called as
+      `conv(x, w, stride, padding, groups)`; `_split_conv_primal` if None.
 
   Returns:
     `[N, H, W, C_in]`.
   """
+  conv = conv or _split_conv_primal
   n, out_h, out_w, c_out = g.shape
   kh, kw, cg, _ = w.shape
   og = c_out // groups
@@ -324,8 +332,7 @@ def _strided_input_grad(g: jax.Array, w: jax.Array, input_hw: tuple[int, int],
                 (taps_c - 1 - offset_c, phase_w + offset_c - out_w, 0))
         g_phase = jax.lax.pad(g, jnp.zeros((), g.dtype),
                               ((0, 0, 0), *pads, (0, 0, 0)))
-        phase = _split_conv_primal(g_phase, sub_kernel, (1, 1),
-                                   ((0, 0), (0, 0)), groups)
+        phase = conv(g_phase, sub_kernel, (1, 1), ((0, 0), (0, 0)), groups)
       # Phases differ in size by at most a row / column: pad to rows[0].
       phases.append(jnp.pad(phase, ((0, 0), (0, rows[0] - phase_h),
                                     (0, cols[0] - phase_w), (0, 0))))
@@ -350,12 +357,63 @@ def _split_conv_bwd(stride, padding, groups, residuals, g):
 _split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
 
 
+def _transposed_pads(kernel_hw: tuple[int, ...], input_hw: tuple[int, ...],
+                     output_hw: tuple[int, ...],
+                     padding: tuple[tuple[int, int], ...]
+                     ) -> tuple[tuple[int, int], ...]:
+  """Pads of the stride-1 convolution of `g` that gives the input gradient.
+
+  With the kernel flipped, input row `t` gathers output rows `t + lo - i`:
+  pad `g` by `k - 1 - lo` before and `H - H' + lo` after (H' = H + lo + hi -
+  k + 1 at stride 1). Negative when a forward pad exceeds `k - 1`.
+  """
+  return tuple((k - 1 - lo, size - out + lo) for k, size, out, (lo, _) in zip(
+      kernel_hw, input_hw, output_hw, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_conv(x: jax.Array, w: jax.Array, stride: tuple[int, ...],
+                 padding: tuple[tuple[int, int], ...], groups: int
+                 ) -> jax.Array:
+  """oneDNN forward and input gradient; the kernel gradient as 'split'."""
+  return onednn_conv.conv(x, w, stride, padding, groups)
+
+
+def _onednn_conv_fwd(x, w, stride, padding, groups):
+  return onednn_conv.conv(x, w, stride, padding, groups), (x, w)
+
+
+def _onednn_conv_bwd(stride, padding, groups, residuals, g):
+  x, w = residuals
+  kh, kw, cg, c_out = w.shape
+  if any(s > 1 for s in stride):
+    dx = _strided_input_grad(g, w, x.shape[1:3], stride, padding, groups,
+                             conv=onednn_conv.conv)
+  else:
+    pads = _transposed_pads((kh, kw), x.shape[1:3], g.shape[1:3], padding)
+    if any(p < 0 for pad in pads for p in pad):
+      _, input_vjp = jax.vjp(
+          lambda x: _split_conv_primal(x, w, stride, padding, groups), x)
+      (dx,) = input_vjp(g)
+    else:
+      # Per group: in and out swapped, taps flipped: [kh, kw, og, G * cg].
+      og = c_out // groups
+      w_t = jnp.transpose(w.reshape(kh, kw, cg, groups, og),
+                          (0, 1, 4, 3, 2)).reshape(kh, kw, og, groups * cg)
+      dx = onednn_conv.conv(g, w_t[::-1, ::-1], (1, 1), pads, groups)
+  return dx, _split_kernel_grad(x, g, w.shape, stride, padding, groups)
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
 def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
                  padding: str | Sequence[tuple[int, int]], groups: int,
                  impl: ConvImpl = "auto") -> jax.Array:
   """An NHWC x HWIO convolution with `groups` feature groups.
 
-  Two lowerings give the same numbers from the same kernel:
+  Three lowerings give the same numbers (up to float rounding) from the same
+  kernel:
   - 'native': one `conv_general_dilated` with `feature_group_count` (right
     on GPU/TPU).
   - 'split': each group as its own ungrouped convolution, outputs
@@ -364,10 +422,17 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
     conv_layers.py). The input gradient is XLA's own at stride 1 and
     `_strided_input_grad`'s phase by phase when strided; the kernel gradient
     is XLA's formula with the input's CHWN transpose done as a dot
-    (`_nhwc_to_chwn`). An ungrouped 1x1 stride-1 kernel is a matmul
-    `[N*H*W, C_in] @ [C_in, C_out]`: its kernel gradient is then a dot over
-    N*H*W, with no transpose at all.
-  'auto' picks 'split' on CPU and 'native' elsewhere.
+    (`_nhwc_to_chwn`).
+  - 'onednn' (CPU, float32): the forward and the input gradient (stride 1:
+    the flipped, transposed kernel; strided: phase by phase) as oneDNN
+    direct convolutions (`onednn_conv`), the kernel gradient as 'split'.
+    F0's grouped 3x3 forwards run 30-40% faster than on Eigen. Other dtypes
+    fall back to 'split'.
+  An ungrouped 1x1 stride-1 kernel is a matmul `[N*H*W, C_in] @ [C_in,
+  C_out]` under 'split' and 'onednn': its kernel gradient is then a dot over
+  N*H*W, with no transpose at all.
+  'auto' picks 'onednn' on CPU when `onednn_conv.available()` (else
+  'split'), and 'native' elsewhere.
 
   Args:
     x: input `[N, H, W, C_in]`.
@@ -375,26 +440,38 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
     stride: spatial strides.
     padding: 'SAME', 'VALID' or explicit pads.
     groups: feature group count.
-    impl: 'auto', 'native' or 'split'.
+    impl: 'auto', 'native', 'split' or 'onednn'.
 
   Returns:
     `[N, H', W', C_out]`.
   """
+  if impl not in ("auto", "native", "split", "onednn"):
+    raise ValueError(f"conv impl={impl!r}; allowed: 'auto', 'native', "
+                     "'split', 'onednn'")
   if impl == "auto":
-    impl = "split" if jax.default_backend() == "cpu" else "native"
+    if jax.default_backend() != "cpu":
+      impl = "native"
+    else:
+      impl = "onednn" if onednn_conv.available() else "split"
+  if impl == "onednn" and not onednn_conv.available():
+    raise ValueError("conv impl='onednn' needs jaxlib's oneDNN convolution on "
+                     "CPU, which this process does not have (see "
+                     "nfnets_jax.onednn_conv.available); use 'auto' or 'split'")
   stride = tuple(stride)
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], stride,
                                       padding)
   padding = tuple(tuple(p) for p in padding)
-  if impl not in ("native", "split"):
-    raise ValueError(f"conv impl={impl!r}; allowed: 'auto', 'native', 'split'")
   if impl == "native":
     return _conv(x, w, stride, padding, groups)
   if groups == 1 and w.shape[:2] == (1, 1) and stride == (1, 1) and not any(
       any(p) for p in padding):
     n, h, wd, c = x.shape
     return (x.reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, -1)
+  supported = onednn_conv.SUPPORTED_DTYPES
+  if (impl == "onednn" and x.dtype in supported and w.dtype in supported
+      and all(lo >= 0 and hi >= 0 for lo, hi in padding)):
+    return _onednn_conv(x, w, stride, padding, groups)
   return _split_conv(x, w, stride, padding, groups)
 
 

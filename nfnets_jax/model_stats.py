@@ -52,6 +52,9 @@ def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
       kernel_in = rhs.shape[dn.rhs_spec[1]]  # already in_ch // groups
       kernel_spatial = np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]])
       macs += int(np.prod(out.shape)) * int(kernel_in * kernel_spatial)
+    elif eqn.primitive.name == "onednn_conv":  # NHWC x HWIO, see onednn_conv.
+      kh, kw, kernel_in, _ = eqn.invars[1].aval.shape
+      macs += int(np.prod(eqn.outvars[0].aval.shape)) * int(kh * kw * kernel_in)
     elif eqn.primitive.name == "dot_general":
       lhs = eqn.invars[0].aval
       (contract_lhs, _), _ = eqn.params["dimension_numbers"]

@@ -203,7 +203,7 @@ class NFNet(hk.Module):
       group_size: channels per group of the 3x3 convs.
       ws_eps, ws_eps_mode: weight standardization floor ('clamp' official,
         'add' as timm).
-      conv_impl: grouped conv lowering ('auto', 'native', 'split').
+      conv_impl: grouped conv lowering ('auto', 'native', 'split', 'onednn').
       name: module name (official checkpoints use 'NFNet').
     """
     super().__init__(name=name)
