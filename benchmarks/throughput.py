@@ -415,7 +415,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="timed, interleaved repetitions per measurement")
   parser.add_argument("--conv-impl", nargs="+",
                       default=["split", "native"] if gpu else ["auto"],
-                      choices=["auto", "split", "native", "onednn"])
+                      choices=nj.layers.CONV_IMPLS)
   parser.add_argument("--timm-formats", nargs="+",
                       default=["nchw", "channels_last"] if gpu else ["nchw"],
                       choices=["nchw", "channels_last"])

@@ -70,6 +70,7 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 from nfnets_jax import builder  # noqa: E402
 from nfnets_jax import data  # noqa: E402
+from nfnets_jax import layers  # noqa: E402
 from nfnets_jax import nfnet  # noqa: E402
 from nfnets_jax import param_checks  # noqa: E402
 from nfnets_jax import pretrained  # noqa: E402
@@ -612,7 +613,7 @@ def make_parser() -> Any:
                       help="resize to image_size + this before the center "
                       "crop (default 32; a workdir's eval.crop_padding)")
   parser.add_argument("--conv_impl", default="auto",
-                      choices=("auto", "native", "split"),
+                      choices=layers.CONV_IMPLS,
                       help="grouped-conv lowering of official/timm NFNets")
   parser.add_argument("--params", default="raw,ema", type=_parse_params_arg,
                       help="workdir params to evaluate: raw, ema or raw,ema")

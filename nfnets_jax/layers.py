@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
-from typing import Literal
+from typing import Literal, get_args
 
 import haiku as hk
 import jax
@@ -25,6 +25,7 @@ Activation = Callable[[jax.Array], jax.Array]
 ConvFn = Callable[[jax.Array, jax.Array, tuple[int, ...],
                    tuple[tuple[int, int], ...], int], jax.Array]
 ConvImpl = Literal["auto", "native", "split", "onednn"]
+CONV_IMPLS: tuple[str, ...] = get_args(ConvImpl)
 EpsMode = Literal["clamp", "add"]
 
 # gamma such that Var(gamma * g(x)) = 1 for x ~ N(0, 1). These are the values
@@ -445,9 +446,9 @@ def grouped_conv(x: jax.Array, w: jax.Array, *, stride: Sequence[int],
   Returns:
     `[N, H', W', C_out]`.
   """
-  if impl not in ("auto", "native", "split", "onednn"):
-    raise ValueError(f"conv impl={impl!r}; allowed: 'auto', 'native', "
-                     "'split', 'onednn'")
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl={impl!r}; allowed: "
+                     f"{', '.join(map(repr, CONV_IMPLS))}")
   if impl == "auto":
     if jax.default_backend() != "cpu":
       impl = "native"

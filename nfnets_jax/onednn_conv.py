@@ -14,6 +14,8 @@ against `lax.conv_general_dilated` once per process; callers fall back to XLA
 when it says no (a non-x86 jaxlib without oneDNN, a CPU oneDNN cannot run, a
 jaxlib whose config format moved). Only the forward exists here: gradients
 are composed from forward convolutions in `layers` (`conv_impl='onednn'`).
+Programs serialized with `jax.export`, and lowerings for other platforms,
+get XLA's own convolution instead: the custom call is private to this jaxlib.
 """
 from __future__ import annotations
 
@@ -72,18 +74,29 @@ def _backend_config(stride, padding, groups) -> str:
       "feature_groups": groups}})
 
 
-def _lower(ctx, x, w, *, stride, padding, groups):
+def _xla_conv(x, w, *, stride, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=stride, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+_lower_portable = mlir.lower_fun(_xla_conv, multiple_results=False)
+
+
+def _lower_cpu(ctx, x, w, *, stride, padding, groups):
+  """The custom call; XLA's convolution in `jax.export` artifacts.
+
+  The custom call has no compatibility guarantee across jaxlib versions
+  (`jax.export` refuses it), so serialized programs get the portable op.
+  """
+  if ctx.module_context.lowering_parameters.for_export:
+    return _lower_portable(ctx, x, w, stride=stride, padding=padding,
+                           groups=groups)
   out_type = jax_mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
   return jax_mlir.custom_call(
       CUSTOM_CALL_TARGET, result_types=[out_type], operands=[x, w],
       backend_config=_backend_config(stride, padding, groups),
       api_version=1).results
-
-
-def _xla_conv(x, w, *, stride, padding, groups):
-  return jax.lax.conv_general_dilated(
-      x, w, window_strides=stride, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
 def _batch_rule(args, dims, **params):
@@ -95,7 +108,8 @@ def _batch_rule(args, dims, **params):
 onednn_conv_p.def_abstract_eval(_abstract_eval)
 onednn_conv_p.def_impl(functools.partial(dispatch.apply_primitive,
                                          onednn_conv_p))
-mlir.register_lowering(onednn_conv_p, _lower, platform="cpu")
+mlir.register_lowering(onednn_conv_p, _lower_portable)
+mlir.register_lowering(onednn_conv_p, _lower_cpu, platform="cpu")
 batching.primitive_batchers[onednn_conv_p] = _batch_rule
 
 

@@ -123,6 +123,25 @@ def test_onednn_conv_under_vmap_matches_a_loop():
 
 
 @needs_onednn
+@pytest.mark.parametrize("platforms", [None, ("cpu", "cuda")])
+def test_exported_programs_use_the_portable_convolution(platforms):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 8, 8, 6)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  pads = ((0, 1), (0, 1))
+  f = jax.jit(lambda x: layers.grouped_conv(
+      x, jnp.asarray(w), stride=(2, 2), padding=pads, groups=2,
+      impl="onednn"))
+  exported = jax.export.export(f, platforms=platforms)(
+      jax.ShapeDtypeStruct(x.shape, x.dtype))
+  assert onednn_conv.CUSTOM_CALL_TARGET not in exported.mlir_module()
+  restored = jax.export.deserialize(exported.serialize())
+  want = _numpy_conv_and_grads(x, w, np.zeros((2, 4, 4, 4)), (2, 2), pads,
+                               2)[0]
+  np.testing.assert_allclose(restored.call(x), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
 def test_flop_count_sees_onednn_convolutions():
   count = lambda impl: nj.count_flops(lambda x: nj.NFNet(
       10, "F0", width=0.25, conv_impl=impl)(x, is_training=False), 64)
