@@ -29,11 +29,12 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
-                 "torchvision==0.29.1", "timm>=1.0",
-                 "portpicker>=1.6"],
+                 "torchvision==0.29.1", "timm>=1.0", "portpicker>=1.6",
+                 "dill>=0.3.8"],
     },
     entry_points={
-        "console_scripts": ["nfnets-train=nfnets_jax.train:main",
-                            "nfnets-predict=nfnets_jax.predict:main"],
+        "console_scripts": ["nfnets-train=nfnets_jax.cli.train:main",
+                            "nfnets-predict=nfnets_jax.cli.predict:main",
+                            "nfnets-convert=nfnets_jax.cli.convert:main"],
     },
 )

@@ -28,7 +28,7 @@ import ml_collections
 import optax
 
 import nfnets_jax as nj
-from nfnets_jax import optim
+from nfnets_jax.optim import optimizers as optim
 
 
 def recipe(clipping: float | None) -> ml_collections.ConfigDict:

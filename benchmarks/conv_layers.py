@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from nfnets_jax import layers  # First: sets the package's XLA:CPU flags.
+from nfnets_jax.models import layers  # First: sets the package's XLA:CPU flags.
 import jax
 import jax.numpy as jnp
 

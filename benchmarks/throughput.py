@@ -48,7 +48,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NFNETS_JAX_MALLOC", "1")
 
 import nfnets_jax as nj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets_jax import host_malloc
+from nfnets_jax.cpu import malloc as host_malloc
 import haiku as hk
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import tqdm
 
-from nfnets_jax import cli
+from nfnets_jax.cli import errors as cli
 
 RESULTS_DIR = pathlib.Path("results")
 MISSING = "—"  # Printed where a reference gives no number.

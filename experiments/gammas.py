@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax import layers  # noqa: E402
+from nfnets_jax.models import layers  # noqa: E402
 
 MODULE = "experiments.gammas"
 LEAKY_RELU_SLOPE = 0.01  # jax.nn.leaky_relu's default.

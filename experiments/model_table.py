@@ -25,11 +25,11 @@ if __package__ in (None, ""):  # Run as `python experiments/model_table.py`.
 import jax  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax import model_stats  # noqa: E402
-from nfnets_jax import nf_regnet  # noqa: E402
-from nfnets_jax import nf_resnet  # noqa: E402
-from nfnets_jax import nfnet  # noqa: E402
-from nfnets_jax import resnet  # noqa: E402
+from nfnets_jax.models import stats as model_stats  # noqa: E402
+from nfnets_jax.models import nf_regnet  # noqa: E402
+from nfnets_jax.models import nf_resnet  # noqa: E402
+from nfnets_jax.models import nfnet  # noqa: E402
+from nfnets_jax.models import resnet  # noqa: E402
 
 MODULE = "experiments.model_table"
 NUM_CLASSES = 1000

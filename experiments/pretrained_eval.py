@@ -68,21 +68,22 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax import builder  # noqa: E402
+from nfnets_jax.pretrained import create as builder  # noqa: E402
 from nfnets_jax import data  # noqa: E402
-from nfnets_jax import layers  # noqa: E402
-from nfnets_jax import nfnet  # noqa: E402
-from nfnets_jax import param_checks  # noqa: E402
-from nfnets_jax import pretrained  # noqa: E402
-from nfnets_jax import timm_weights  # noqa: E402
+from nfnets_jax.models import layers  # noqa: E402
+from nfnets_jax.models import nfnet  # noqa: E402
+from nfnets_jax.pretrained import checks as param_checks  # noqa: E402
+from nfnets_jax.pretrained import official as pretrained
+from nfnets_jax.pretrained import checks  # noqa: E402
+from nfnets_jax.pretrained import timm as timm_weights  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
 
 MODULE = "experiments.pretrained_eval"
 SOURCES = ("auto", "official", "timm", "workdir")
-FORWARDS = {"official": pretrained.OFFICIAL_NFNET_KWARGS,
-            "timm": pretrained.TIMM_NFNET_KWARGS}
+FORWARDS = {"official": timm_weights.OFFICIAL_NFNET_KWARGS,
+            "timm": timm_weights.TIMM_NFNET_KWARGS}
 TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # The paper's evaluation: resize to test_imsize + 32, then center crop.
 PAPER_CROP_PADDING = 32
@@ -210,7 +211,7 @@ def variant_label(variant: Any) -> str:
           f"{'-'.join(map(str, v.depth))})")
 
 
-def _load_params_file(path: str, source: str) -> pretrained.Params:
+def _load_params_file(path: str, source: str) -> checks.Params:
   if source == "timm":
     params, _ = timm_weights.from_timm_state_dict(
         timm_weights.load_timm_file(path))
@@ -233,7 +234,7 @@ def load_file(path: str, source: str, *, variant: str | None = None,
 
   Raises:
     ValueError: unreadable file, unknown variant, or (as
-      `pretrained.ParamsMismatchError`) names/shapes that do not fit it.
+      `checks.ParamsMismatchError`) names/shapes that do not fit it.
   """
   forward = forward or source
   if forward not in FORWARDS:
@@ -243,15 +244,15 @@ def load_file(path: str, source: str, *, variant: str | None = None,
   params = _load_params_file(path, source)
   if spec is None:
     try:
-      spec = pretrained.infer_variant(params)
+      spec = checks.infer_variant(params)
     except ValueError as e:
       raise ValueError(f"{path}: cannot infer the NFNet variant ({e}); pass "
                        "--variant") from e
-  num_classes = pretrained.head_classes(params)
+  num_classes = checks.head_classes(params)
   if num_classes is None:
     raise ValueError(f"{path}: no classifier 'NFNet/~/linear/w' [in, classes]"
                      " in the params; not an NFNet checkpoint")
-  pretrained.check_params(params, spec, num_classes=num_classes,
+  checks.check_params(params, spec, num_classes=num_classes,
                           source=f"--checkpoint={path!r}")
   test_imsize = nfnet.get_variant(spec).test_imsize
   return LoadedModel(

@@ -51,10 +51,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax import cli  # noqa: E402
-from nfnets_jax import nf_resnet  # noqa: E402
-from nfnets_jax import resnet  # noqa: E402
-from nfnets_jax import signal_propagation as sp  # noqa: E402
+from nfnets_jax.cli import errors as cli  # noqa: E402
+from nfnets_jax.models import nf_resnet  # noqa: E402
+from nfnets_jax.models import resnet  # noqa: E402
+from nfnets_jax.models import signal_propagation as sp  # noqa: E402
 
 MODULE = "experiments.signal_propagation"
 NUM_CLASSES = 10  # The classifier plays no part in the metrics.

@@ -43,10 +43,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax import agc
+from nfnets_jax.optim import agc
 from nfnets_jax import data
-from nfnets_jax import fast_compile
-from nfnets_jax import optim
+from nfnets_jax.cpu import compiler as fast_compile
+from nfnets_jax.optim import optimizers as optim
 from nfnets_jax.data import pipeline
 from nfnets_jax.experiment import config_schema
 from nfnets_jax.experiment import config_validation

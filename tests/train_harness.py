@@ -61,7 +61,7 @@ def subprocess_env(devices: int = 1, cache_dir: str | None = None
 
 def train_command(workdir: str, *flags: str,
                   config: str = DEFAULT_CONFIG + ":smoke") -> list[str]:
-  return [sys.executable, "-m", "nfnets_jax.train", f"--config={config}",
+  return [sys.executable, "-m", "nfnets_jax.cli.train", f"--config={config}",
           f"--workdir={workdir}", *TINY_FLAGS, *flags]
 
 
@@ -180,26 +180,21 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps in a workdir."""
-  from nfnets_jax.experiment import checkpointing  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import checkpoint_io as checkpointing  # pylint: disable=g-import-not-at-top
   return checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
   """A checkpoint's state tree (NumPy) without a template."""
-  from nfnets_jax.experiment import checkpointing  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import checkpoint_io as checkpointing  # pylint: disable=g-import-not-at-top
   return checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
 
 
 def load_config(path: str, arg: str | None = None) -> Any:
-  """Loads `get_config(arg)` from a config file and locks it (as the CLI)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg is not None else module.get_config()
-  config.lock()
-  return config
+  """`get_config(arg)` of a config file, locked: the CLI's own loader."""
+  from nfnets_jax.cli import train_flags  # pylint: disable=g-import-not-at-top
+  spec = path if arg is None else f"{path}:{arg}"
+  return train_flags.load_config(train_flags.resolve_config(spec))
 
 
 def config_paths() -> list[str]:
@@ -212,15 +207,13 @@ def config_paths() -> list[str]:
 def _tiny_pretrained(config: Any, path: str) -> str:
   """Saves an initialized 1000-class model of `config` as a pretrained file."""
   import jax  # pylint: disable=g-import-not-at-top
-  from nfnets_jax import fast_compile  # pylint: disable=g-import-not-at-top
-  from nfnets_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from nfnets_jax.experiment import train_state  # pylint: disable=g-import-not-at-top
-  net = train_state.make_network(config.model, 1000)
+  import nfnets_jax as nj  # pylint: disable=g-import-not-at-top
+  net = nj.make_network(config.model.name, config.model.kwargs, 1000)
   size = config.train.image_size
-  params, _ = fast_compile.run_once(
+  params, _ = nj.cpu.compiler.run_once(
       lambda x: net.init(jax.random.PRNGKey(1), x, is_training=True),
       np.zeros((1, size, size, 3), np.float32))
-  return pretrained.save_npz(jax.device_get(params), path)
+  return nj.save_npz(jax.device_get(params), path)
 
 
 def smoke_all(root: str, paths: list[str]) -> dict[str, dict[str, float]]:

@@ -26,6 +26,7 @@ a 10% holdout of 'train' otherwise):
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -261,12 +262,15 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
       splits=_split_table(sizes, holdout, test_base))
 
 
+@functools.lru_cache(maxsize=4)
 def digits_images(image_size: int) -> tuple[dict[str, np.ndarray],
                                             dict[str, np.ndarray]]:
   """The embedded digits, split and upsampled once to `image_size`.
 
   The 0-16 intensities are scaled to 0-255, resized with the pipeline's
-  bicubic kernel, rounded to uint8 and repeated to 3 channels.
+  bicubic kernel, rounded to uint8 and repeated to 3 channels. Cached per
+  size (the train and eval splits of a run read them once); the arrays are
+  read-only.
 
   Args:
     image_size: output side in pixels.
@@ -289,8 +293,12 @@ def digits_images(image_size: int) -> tuple[dict[str, np.ndarray],
       np.arange(DIGITS_NUM_EXAMPLES), test_size=DIGITS_NUM_TEST,
       stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
   labels = digits.target.astype(np.int32)
-  return ({'train': images[train_idx], 'test': images[test_idx]},
-          {'train': labels[train_idx], 'test': labels[test_idx]})
+  out = ({'train': images[train_idx], 'test': images[test_idx]},
+         {'train': labels[train_idx], 'test': labels[test_idx]})
+  for part in out:
+    for array in part.values():
+      array.flags.writeable = False
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

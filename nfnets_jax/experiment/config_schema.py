@@ -4,12 +4,29 @@ Configs in `configs/` start from `base_config()` and change values; they
 never add fields, so the schema is this one function (documented field by
 field in `configs/default.py`). Optional fields are ml_collections
 placeholders so that `--config.x=value` can set a field whose default is None.
+A value that is not allowed is reported as a `ConfigError` whose lines each
+name the field, the value and what is allowed (`problem`).
 """
 from __future__ import annotations
+
+from typing import Any
 
 from ml_collections import config_dict
 
 _placeholder = config_dict.placeholder
+
+
+class ConfigError(ValueError):
+  """A config value is not allowed; the message lists every such value."""
+
+  def __init__(self, lines: list[str]):
+    self.lines = list(lines)
+    super().__init__("invalid config:\n  " + "\n  ".join(self.lines))
+
+
+def problem(field: str, value: Any, allowed: str) -> str:
+  """One line of a `ConfigError`: the field, its value, what is allowed."""
+  return f"config.{field}={value!r} is invalid; allowed: {allowed}"
 
 
 def base_config() -> config_dict.ConfigDict:

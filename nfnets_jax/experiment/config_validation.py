@@ -1,8 +1,9 @@
-"""Checks a config before any compute; derives the run's sizes.
+"""Checks a config before any compute; derives the run's sizes and optimizer.
 
-`validate(config)` is the one place where config values are judged. Every
-problem is reported in one `ConfigError` whose lines name the field, the
-value and what is allowed, e.g.
+`validate(config)` is the one place where config values are judged. It
+decides and reports; it never changes the config and never reads more of a
+pretrained checkpoint than its first bytes. Every problem is reported in one
+`ConfigError` whose lines name the field, the value and what is allowed, e.g.
 
     config.train.global_batch_size=100 is invalid: allowed: a positive
     multiple of 8 (the number of devices, 2 processes x 4 local)
@@ -16,25 +17,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
-from typing import Any
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
+import optax
 
 from nfnets_jax import data as data_lib
+from nfnets_jax.cpu import lowering
 from nfnets_jax.data import randaugment
-from nfnets_jax import models
-from nfnets_jax import optim
+from nfnets_jax.experiment import config_schema
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
+from nfnets_jax.experiment import pretrained_start
+from nfnets_jax.models import families
+from nfnets_jax.models import stats
+from nfnets_jax.optim import optimizers
+from nfnets_jax.pretrained import create
+from nfnets_jax.pretrained import timm
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A config value is not allowed; the message lists every such value."""
+ConfigError = config_schema.ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,20 @@ class RunSpec:
   eval_host_batch_size: int
 
 
-def _fmt(field: str, value: Any, allowed: str) -> str:
-  return f"config.{field}={value!r} is invalid; allowed: {allowed}"
+class RunPlan(NamedTuple):
+  """What `validate` decided.
+
+  Attributes:
+    spec: the run's sizes.
+    tx: the optimizer (`optim.optimizers.make_optimizer`).
+    schedule: its learning rate by step (for logging).
+  """
+  spec: RunSpec
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+_fmt = config_schema.problem
 
 
 class _Problems:
@@ -85,7 +100,7 @@ class _Problems:
 
   def raise_if_any(self) -> None:
     if self.lines:
-      raise ConfigError("invalid config:\n  " + "\n  ".join(self.lines))
+      raise ConfigError(self.lines)
 
 
 def _is_int(x: Any) -> bool:
@@ -114,12 +129,13 @@ def _strided_inputs(jaxpr: Any) -> list[tuple[str, int, int]]:
 
 
 def _trace(net: hk.TransformedWithState, image_size: int) -> Any:
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  params, state = jax.eval_shape(
-      lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True), images)
-  return jax.make_jaxpr(
-      lambda p, s, x: net.apply(p, s, None, x, is_training=False))(
-          params, state, images).jaxpr
+  """The eval forward's jaxpr at `image_size`, XLA's convolutions in it."""
+  params, state = stats.init_shapes(net, image_size)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), "float32")
+  with lowering.conv_impl("native"):
+    return jax.make_jaxpr(
+        lambda p, s, x: net.apply(p, s, None, x, is_training=False))(
+            params, state, images).jaxpr
 
 
 def downsampling(net: hk.TransformedWithState) -> int:
@@ -226,7 +242,7 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
              "a directory path (--workdir)"):
     p.check(not os.path.isfile(config.workdir), "workdir", config.workdir,
             "a directory, or a path to create one at (this is a file)")
-  if config.pretrained.path and _pretrained_loads(config, p):
+  if config.pretrained.path and _check_pretrained_path(config, p):
     _check_pretrained_model(config, p)
   try:
     parallel.wants_distributed(config.distributed)
@@ -234,117 +250,33 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
     p.add(str(err))
 
 
-def _pretrained_loads(config: Any, p: _Problems) -> bool:
-  """True if `config.pretrained.path` loads as training will load it.
+def _check_pretrained_path(config: Any, p: _Problems) -> bool:
+  """True if `config.pretrained.path` exists and is not an exported model.
 
-  Reading the file here (the restricted unpickler runs nothing from it)
-  stops a run with a file that is not a checkpoint, or an unsafe one,
-  before anything is built or compiled.
+  Only its first bytes are read: the run reads the whole file once, later
+  (`pretrained_start.read`), and not at all when it resumes.
   """
-  # pylint: disable-next=g-import-not-at-top
-  from nfnets_jax import builder
   path = config.pretrained.path
-  allowed = ("an existing checkpoint file (an official F*_haiku.npz, a .npz "
-             "from python -m nfnets_jax.convert_checkpoint, a timm "
-             ".pth/.safetensors) or nfnets-train workdir")
-  if not p.check(os.path.exists(path), "pretrained.path", path, allowed):
+  if not p.check(os.path.exists(path), "pretrained.path", path,
+                 pretrained_start.ALLOWED_PATH):
     return False
-  if builder.detect_format(path) == "exported":
-    return True  # _check_pretrained_model names it.
-  try:
-    builder.load_checkpoint(path)
-  except pickle.UnpicklingError as err:  # Unsafe: refused, nothing ran.
-    p.add(f"config.pretrained.path={path!r} is refused: {err}")
-    return False
-  # The file is the user's: whatever reading it raises (torch: KeyError,
-  # RuntimeError; safetensors: its own error) means it is not a checkpoint.
-  except Exception as err:  # pylint: disable=broad-except
-    p.add(_fmt("pretrained.path", path,
-               f"{allowed}; reading it failed: {type(err).__name__}: {err}"))
+  if create.detect_format(path) == "exported":
+    p.add(_fmt("pretrained.path", path, "a checkpoint with params (this is "
+               "an exported model)"))
     return False
   return True
-
-
-def pretrained_forward(config: Any) -> tuple[dict[str, Any], str] | None:
-  """The NFNet forward kwargs `config.pretrained` was trained with.
-
-  `pretrained.model` (a registry name) or, unset, the file's format says
-  which definition the weights were trained as: timm's `dm_nfnet_*` (eps
-  added to the weight variance, exact GELU; `TIMM_NFNET_KWARGS`) or the
-  official one. None when nothing is implied (official/.npz files and
-  workdirs without `pretrained.model`, non-NFNet models).
-
-  Returns:
-    `(kwargs, what)`: e.g. `({'activation': 'gelu_exact', ...}, 'a timm
-    dm_nfnet_* file')`.
-
-  Raises:
-    ValueError: an unknown `pretrained.model`, or one of another family
-      than `config.model.name`.
-  """
-  # pylint: disable=g-import-not-at-top
-  from nfnets_jax import builder
-  from nfnets_jax import registry
-  from nfnets_jax import timm_weights
-  name = config.pretrained.model
-  if name is not None:
-    spec = registry.get_spec(name)
-    if spec.family != config.model.name:
-      raise ValueError(_fmt("pretrained.model", name,
-                            f"a model of family config.model.name="
-                            f"{config.model.name!r} ({name} is a "
-                            f"{spec.family})"))
-    return ({k: spec.kwargs[k] for k in timm_weights.TIMM_NFNET_KWARGS
-             if k in spec.kwargs}, f"config.pretrained.model={name!r}")
-  if (config.model.name == "NFNet"
-      and builder.detect_format(config.pretrained.path) == "timm"):
-    return dict(timm_weights.TIMM_NFNET_KWARGS), "a timm dm_nfnet_* file"
-  return None
-
-
-def adopt_pretrained_forward(config: Any) -> dict[str, Any]:
-  """Sets `config.model.kwargs`' forward fields to the checkpoint's.
-
-  A timm `dm_nfnet_*` file is fine-tuned with timm's forward (its WS eps and
-  exact GELU) and an official one with the official forward, unless
-  `config.pretrained.model` names the definition to use. Problems (an
-  unknown name, an unreadable file) are left for `validate` to report.
-
-  Returns:
-    The kwargs that were changed (empty when none).
-  """
-  if not config.pretrained.path:
-    return {}
-  try:
-    implied = pretrained_forward(config)
-  except (ValueError, OSError):
-    return {}
-  if implied is None:
-    return {}
-  kwargs = config.model.kwargs
-  changed = {k: v for k, v in implied[0].items() if kwargs.get(k) != v}
-  with config.unlocked():
-    kwargs.update(changed)
-  return changed
 
 
 def _check_pretrained_model(config: Any, p: _Problems) -> None:
   """The checkpoint's model definition must be config.model's forward.
 
-  NFNet kwargs that differ from `pretrained_forward` are named with the
-  flags that fix them.
+  NFNet kwargs that differ from `pretrained_start.implied_forward` are named
+  with the flags that fix them.
   """
-  # pylint: disable=g-import-not-at-top
-  from nfnets_jax import builder
-  from nfnets_jax import timm_weights
   path = config.pretrained.path
-  if builder.detect_format(path) == "exported":
-    p.add(_fmt("pretrained.path", path, "a checkpoint with params (this is "
-               "an exported model)"))
-    return
   try:
-    implied = pretrained_forward(config)
-  except ValueError as err:
+    implied = pretrained_start.implied_forward(config)
+  except (ValueError, OSError) as err:
     p.add(str(err) if str(err).startswith("config.")
           else f"config.pretrained.model: {err}")
     return
@@ -352,7 +284,7 @@ def _check_pretrained_model(config: Any, p: _Problems) -> None:
     return
   forward, what = implied
   kwargs = config.model.kwargs.to_dict()
-  defaults = timm_weights.OFFICIAL_NFNET_KWARGS  # The NFNet defaults.
+  defaults = timm.OFFICIAL_NFNET_KWARGS  # The NFNet defaults.
   differ = {k: v for k, v in forward.items()
             if kwargs.get(k, defaults[k]) != v}
   if differ:
@@ -382,13 +314,8 @@ def _dataset_spec(config: Any, p: _Problems) -> data_lib.DatasetInfo | None:
 
 
 def _model_problems(config: Any, num_classes: int, p: _Problems) -> None:
-  # Imported here to avoid a cycle (train_state imports this package's peers).
-  from nfnets_jax.experiment import train_state  # pylint: disable=g-import-not-at-top
   m = config.model
-  if not p.check(m.name in models.MODELS, "model.name", m.name,
-                 f"one of {sorted(models.MODELS)}"):
-    return
-  net = train_state.make_network(m, num_classes)
+  net = families.make_network(m.name, m.kwargs, num_classes)
   jaxprs = {}
   for field, size in (("train.image_size", config.train.image_size),
                       ("eval.image_size", config.eval.image_size)):
@@ -404,8 +331,8 @@ def _model_problems(config: Any, num_classes: int, p: _Problems) -> None:
       p.add(line)
 
 
-def validate(config: Any, *, check_model: bool = True) -> RunSpec:
-  """Checks `config`; returns the derived sizes.
+def validate(config: Any, *, check_model: bool = True) -> RunPlan:
+  """Checks `config`; returns the derived sizes and the optimizer.
 
   Args:
     config: a full experiment config (see `configs/default.py`).
@@ -442,24 +369,31 @@ def validate(config: Any, *, check_model: bool = True) -> RunSpec:
   else:
     total_steps = max(1, int(num_train * t.num_epochs) // t.global_batch_size)
   total_epochs = total_steps / steps_per_epoch
+  tx = schedule = None
   try:
-    optim.make_optimizer(config.optimizer, batch_size=t.global_batch_size,
-                         steps_per_epoch=steps_per_epoch,
-                         total_epochs=total_epochs)
+    tx, schedule = optimizers.make_optimizer(
+        config.optimizer, batch_size=t.global_batch_size,
+        steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
   except ValueError as err:  # Names the config.optimizer field already.
     p.add(str(err))
-  if check_model:
-    _model_problems(config, info.num_classes, p)
+  try:
+    families.check_family(config.model.name, config.model.kwargs)
+  except ValueError as err:  # Names the config.model field already.
+    p.add(str(err))
+  else:
+    if check_model:
+      _model_problems(config, info.num_classes, p)
   p.raise_if_any()
   per_process = num_shards // jax.process_count()
   first = jax.process_index() * per_process
-  return RunSpec(
+  spec = RunSpec(
       num_classes=info.num_classes, num_train_examples=num_train,
       num_eval_examples=num_eval, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, total_epochs=total_epochs,
       num_shards=num_shards, shards=tuple(range(first, first + per_process)),
       shard_batch_size=shard_batch,
       eval_host_batch_size=config.eval.batch_size // jax.process_count())
+  return RunPlan(spec, tx, schedule)
 
 
 def _where(config: Any) -> str:

@@ -15,6 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets_jax.cpu import compiler
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
 
@@ -22,8 +23,12 @@ EvalStep = Callable[[hk.Params, hk.State, dict[str, jax.Array]],
                     dict[str, jax.Array]]
 
 
-def make_eval_step(net: hk.TransformedWithState, loss_kind: str) -> EvalStep:
+def make_eval_step(net: hk.TransformedWithState, loss_kind: str, *,
+                   fast_compile: bool = False) -> EvalStep:
   """pmapped `(params, model_state, batch) -> summed metrics`.
+
+  Compiled with the package's CPU compiler options (`cpu.compiler`), and
+  without LLVM's expensive passes if `fast_compile`.
 
   Sums: `loss` (cross-entropy against the one-hot label, of the training
   loss kind), `top1`, `top5` (correct counts) and `count` (real examples).
@@ -42,13 +47,14 @@ def make_eval_step(net: hk.TransformedWithState, loss_kind: str) -> EvalStep:
       sums[name] = jnp.sum(correct * mask)
     return lax.psum(sums, parallel.AXIS)
 
-  return jax.pmap(eval_step, axis_name=parallel.AXIS)
+  return compiler.Compiled(jax.pmap(eval_step, axis_name=parallel.AXIS),
+                           fast=fast_compile)
 
 
 def evaluate(eval_step: EvalStep, params: Any, model_state: Any,
              batches: Iterable[dict[str, np.ndarray]],
              mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Means over the split: `loss`, `top1`, `top5` (fractions), `count`.
+  """Means over the split: `loss`, `top1`, `top5` (fractions), `count` (int).
 
   Args:
     eval_step: from `make_eval_step`.
@@ -65,5 +71,5 @@ def evaluate(eval_step: EvalStep, params: Any, model_state: Any,
   totals = {k: float(v) for k, v in parallel.unreplicate(totals).items()}
   count = max(totals.pop("count"), 1.0)
   out = {k: v / count for k, v in totals.items()}
-  out["count"] = count
+  out["count"] = int(count)
   return out

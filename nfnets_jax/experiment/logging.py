@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import numpy as np
-import tensorboardX
 import tqdm
 
 _BAR_KEYS = (("loss", "loss"), ("top1", "acc"), ("learning_rate", "lr"),
@@ -41,6 +40,8 @@ class RunLogger:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
                             unit="step", dynamic_ncols=True)
     if tensorboard:
+      # Imported here: it takes seconds, and most runs do not ask for it.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(
           os.path.join(workdir, "tensorboard"))
 
@@ -48,8 +49,12 @@ class RunLogger:
     if self._bar is not None:
       self._bar.update(steps)
 
-  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
-    """Records `metrics` of `split` ('train' or 'eval') at `step`."""
+  def write(self, step: int, split: str, metrics: dict[str, Any], *,
+            echo: bool = True) -> None:
+    """Records `metrics` of `split` ('train' or 'eval') at `step`.
+
+    An eval record is also printed as one line, unless `echo` is False.
+    """
     if not self.enabled:
       return
     metrics = _jsonable(metrics)
@@ -65,7 +70,7 @@ class RunLogger:
       self._bar.set_postfix({short: f"{metrics[k]:.4g}"
                              for k, short in _BAR_KEYS if k in metrics},
                             refresh=False)
-    elif split != "train":
+    elif split != "train" and echo:
       summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                          if isinstance(v, float))
       self.info(f"[step {step}] {split}: {summary}")
@@ -107,4 +112,27 @@ def param_table(params: Any) -> str:
   lines = [f"{'module':<{width}}  {'param':<10} {'shape':<16} {'count':>12}"]
   lines += [f"{m:<{width}}  {n:<10} {s:<16} {c:>12,}" for m, n, s, c in rows]
   lines.append(f"{'total':<{width}}  {'':<10} {'':<16} {total:>12,}")
+  return "\n".join(lines)
+
+
+def module_summary(params: Any, max_rows: int = 12) -> str:
+  """Parameter counts per top-level module (at most `max_rows` of them).
+
+  A module is a name up to its second `/~/` (`NFNet/~/nf_block_3`), so a
+  block's convolutions count as one row.
+  """
+  counts: dict[str, int] = {}
+  for module in sorted(params):
+    top = "/~/".join(module.split("/~/")[:2])
+    counts[top] = counts.get(top, 0) + sum(
+        int(np.prod(v.shape)) for v in params[module].values())
+  rows = list(counts.items())
+  width = max([len(m) for m, _ in rows[:max_rows]] + [5])
+  lines = ["parameters by module:"]
+  lines += [f"  {m:<{width}} {c:>12,}" for m, c in rows[:max_rows]]
+  if len(rows) > max_rows:
+    rest = sum(c for _, c in rows[max_rows:])
+    lines.append(f"  {f'... {len(rows) - max_rows} more':<{width}} "
+                 f"{rest:>12,}")
+  lines.append(f"  {'total':<{width}} {sum(counts.values()):>12,}")
   return "\n".join(lines)

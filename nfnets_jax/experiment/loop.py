@@ -1,17 +1,24 @@
 """The experiment: validate, build, restore or init, train, evaluate, save.
 
-`run(config)` composes the pieces of this package:
+`run(config)` composes the pieces of this package, one way through:
 
 1. `jax.distributed` starts if asked (before anything touches a device);
-2. the whole config is validated (no compute);
-3. network, optimizer, pmapped train/eval steps, checkpointer, logger;
-4. the state is restored from the newest checkpoint in the workdir (params,
-   optimizer state, EMA, step, RNG and data position) or initialized;
-5. the train loop runs to `total_steps`, logging, evaluating and saving on
+2. a fine-tuning run adopts its checkpoint's forward (`pretrained_start`:
+   a new config, logged);
+3. the whole config is validated (no compute): the run's sizes and its
+   optimizer;
+4. a fresh run reads its pretrained checkpoint, once, before anything is
+   written; a resumed one does not read it;
+5. network, pmapped train/eval steps, checkpointer, logger;
+6. the state is restored from the newest checkpoint in the workdir (params,
+   optimizer state, EMA, step, RNG and data position) into a template
+   traced with `jax.eval_shape`, or initialized;
+7. the train loop runs to `total_steps`, logging, evaluating and saving on
    schedule; a non-finite loss stops it (the last good checkpoint stays), and
    SIGINT / SIGTERM save a checkpoint before stopping, and so does an image
    file that cannot be decoded (`BadImageError`);
-6. a final checkpoint and a final evaluation with raw and EMA weights.
+8. a final checkpoint and a final evaluation with raw and EMA weights,
+   reported in one line.
 """
 from __future__ import annotations
 
@@ -29,19 +36,25 @@ import jax
 import numpy as np
 import optax
 
-from nfnets_jax import agc
 from nfnets_jax import data as data_lib
-from nfnets_jax import model_stats
-from nfnets_jax import optim
-from nfnets_jax.experiment import checkpointing
+from nfnets_jax.experiment import checkpoint_io
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import evaluation
 from nfnets_jax.experiment import inputs
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import parallel
+from nfnets_jax.experiment import pretrained_start
 from nfnets_jax.experiment import train_state as ts
+from nfnets_jax.models import families
+from nfnets_jax.models import stats
+from nfnets_jax.optim import agc
+from nfnets_jax.pretrained import create
 
 TrainState = ts.TrainState
+PARAM_TABLE_FILE = "params.txt"  # Every parameter's shape, in the workdir.
+# A run of at most this many steps (a smoke run) compiles its steps without
+# LLVM's expensive passes: compiling, not stepping, is most of its time.
+FAST_COMPILE_STEPS = 20
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,27 +104,27 @@ class Components(NamedTuple):
   train_step: Callable[..., Any]
   eval_step: evaluation.EvalStep
   mesh: jax.sharding.Mesh
-  checkpointer: checkpointing.Checkpointer
+  checkpointer: checkpoint_io.Checkpointer
   logger: run_logging.RunLogger
 
 
-def build(config: Any, spec: config_validation.RunSpec,
+def build(config: Any, plan: config_validation.RunPlan,
           initial_step: int = 0) -> Components:
-  """Network, optimizer, pmapped steps, checkpointer and logger."""
-  net = ts.make_network(config.model, spec.num_classes)
-  tx, schedule = optim.make_optimizer(
-      config.optimizer, batch_size=config.train.global_batch_size,
-      steps_per_epoch=spec.steps_per_epoch, total_epochs=spec.total_epochs)
+  """Network, pmapped steps, checkpointer and logger (creates the workdir)."""
+  spec = plan.spec
+  net = families.make_network(config.model.name, config.model.kwargs,
+                              spec.num_classes)
   clip_stats = agc.clip_stats if config.optimizer.track_clip_stats else None
+  fast = spec.total_steps <= FAST_COMPILE_STEPS
   return Components(
-      net=net, tx=tx, schedule=schedule,
-      train_step=ts.make_train_step(net, tx, schedule, config.train,
-                                    clip_stats=clip_stats),
-      eval_step=evaluation.make_eval_step(net, config.train.loss),
+      net=net, tx=plan.tx, schedule=plan.schedule,
+      train_step=ts.make_train_step(net, plan.tx, plan.schedule, config.train,
+                                    clip_stats=clip_stats, fast_compile=fast),
+      eval_step=evaluation.make_eval_step(net, config.train.loss,
+                                          fast_compile=fast),
       mesh=parallel.local_mesh(),
-      checkpointer=checkpointing.Checkpointer(
-          os.path.join(config.workdir, "checkpoints"),
-          config.checkpoint.max_to_keep),
+      checkpointer=checkpoint_io.Checkpointer(
+          checkpoint_dir(config), config.checkpoint.max_to_keep),
       logger=run_logging.RunLogger(
           config.workdir, enabled=parallel.is_host0(),
           total_steps=spec.total_steps, initial_step=initial_step,
@@ -119,63 +132,46 @@ def build(config: Any, spec: config_validation.RunSpec,
           tensorboard=config.logging.tensorboard))
 
 
-def initial_state(config: Any, spec: config_validation.RunSpec,
-                  c: Components) -> TrainState:
-  """A fresh host state, from the seed or from a pretrained checkpoint.
+def checkpoint_dir(config: Any) -> str:
+  return os.path.join(config.workdir, "checkpoints")
 
-  `config.pretrained.path` may be any checkpoint `nfnets_jax.create_model`
-  reads (official pickle, `.npz`, timm `.safetensors`/`.pth`, a workdir's
-  newest EMA weights); `reinit_head` gives it a new classifier for the
-  dataset's classes.
+
+def initial_state(config: Any, spec: config_validation.RunSpec,
+                  c: Components,
+                  pretrained: create.Checkpoint | None = None) -> TrainState:
+  """A fresh host state, from the seed or from the pretrained checkpoint.
+
+  Args:
+    config: the run's config.
+    spec: its sizes.
+    c: its components.
+    pretrained: `config.pretrained.path`, read (`pretrained_start.read`);
+      its classifier is replaced for the dataset's classes when
+      `pretrained.reinit_head`.
   """
   params = model_state = None
-  if config.pretrained.path:
-    # Imported here: only the fine-tuning configs need it.
-    from nfnets_jax import builder  # pylint: disable=g-import-not-at-top
-    ckpt = builder.load_checkpoint(config.pretrained.path)
-    params, model_state = ckpt.params, ckpt.state
-    if config.pretrained.reinit_head:
-      params = builder.replace_classifier(
-          params, config.model.name, config.model.kwargs.to_dict(),
-          spec.num_classes, seed=config.seed + 1)
-    _check_pretrained_shapes(c.net, config, params)
+  if pretrained is not None:
+    params, model_state = pretrained_start.initial_params(
+        config, c.net, spec.num_classes, pretrained)
   return ts.init_train_state(
       c.net, c.tx, seed=config.seed, image_size=config.train.image_size,
       use_ema=config.train.ema_decay is not None, params=params,
       model_state=model_state)
 
 
-def _check_pretrained_shapes(net: hk.TransformedWithState, config: Any,
-                             params: hk.Params) -> None:
-  """Raises `ParamsMismatchError` naming every param that does not fit."""
-  from nfnets_jax import param_checks  # pylint: disable=g-import-not-at-top
-  size = config.train.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
-  expected, _ = jax.eval_shape(
-      lambda x: net.init(jax.random.PRNGKey(0), x, is_training=True), images)
-  want = {m: {n: tuple(v.shape) for n, v in leaves.items()}
-          for m, leaves in expected.items()}
-  param_checks.compare_shapes(
-      params, want, source=f"config.pretrained.path="
-      f"{config.pretrained.path!r}",
-      target=f"config.model ({config.model.name}, "
-      f"{config.model.kwargs.to_dict()}; set the model kwargs of the "
-      "pretrained network, and pretrained.reinit_head=True for a new label "
-      "set)")
+def restore(config: Any, spec: config_validation.RunSpec, c: Components
+            ) -> tuple[TrainState, dict | None]:
+  """The newest intact checkpoint's state and data position.
 
-
-def restore_or_init(config: Any, spec: config_validation.RunSpec,
-                    c: Components) -> tuple[TrainState, dict | None]:
-  """The newest intact checkpoint's state and data position, or a fresh
-  state.
-
-  Newer steps that cannot be read or fail their checksums are set aside
-  (see `checkpointing`); none intact raises `NoIntactCheckpointError`.
+  The state restores into a template of shapes and dtypes traced with
+  `jax.eval_shape` (no weights read, no initializer run). Newer steps that
+  cannot be read or fail their checksums are set aside (see
+  `checkpoint_io`); none intact raises `NoIntactCheckpointError`.
   """
-  fresh = initial_state(config, spec, c)
-  if c.checkpointer.latest_step() is None:
-    return fresh, None
-  restored = c.checkpointer.restore_newest_intact(fresh)
+  template = ts.train_state_template(
+      c.net, c.tx, image_size=config.train.image_size,
+      use_ema=config.train.ema_decay is not None)
+  restored = c.checkpointer.restore_newest_intact(template)
   skipped = ", ".join(str(f.step) for f in restored.set_aside)
   c.logger.info(
       f"resumed from step {restored.step} ({c.checkpointer.directory})"
@@ -240,12 +236,17 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
 
 
-def _poisoned(batches: Iterator[tuple[dict, Any]], step: int, nan_step: int
-              ) -> Iterator[tuple[dict, Any]]:
+def poisoned(batches: Iterator[tuple[dict, Any]], step: int, nan_step: int
+             ) -> Iterator[tuple[dict, Any]]:
   """Debug hook: the images of step `nan_step` (1-based) become NaN.
 
   Bad data is a realistic source of a NaN loss, and poisoning the input
-  leaves the compiled train step unchanged.
+  leaves the compiled train step unchanged (`config.train.debug_nan_at_step`).
+
+  Args:
+    batches: `(batch, position)` pairs, the first for step `step + 1`.
+    step: the step before the first batch.
+    nan_step: the 1-based step whose images become NaN.
   """
   for batch, position in batches:
     step += 1
@@ -269,7 +270,7 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
   step = int(parallel.unreplicate(state.step))
   host_batches = iter(stream)
   if t.debug_nan_at_step is not None:
-    host_batches = _poisoned(host_batches, step, t.debug_nan_at_step)
+    host_batches = poisoned(host_batches, step, t.debug_nan_at_step)
   batches = parallel.prefetch_to_device(host_batches, c.mesh, t.prefetch)
   pending = None  # (step, device metrics) not yet checked.
   last_time, last_step = time.time(), step
@@ -341,24 +342,38 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
 def run(config: Any) -> dict[str, float]:
   """Trains and evaluates as `config` says; returns the final eval metrics.
 
+  `config` itself is not changed (a fine-tuning run adopting its
+  checkpoint's forward works on a copy, saved as the run's config.json).
+
   Raises:
-    config_validation.ConfigError: a bad config (before any compute).
+    config_validation.ConfigError: a bad config or pretrained file (before
+      any compute, and before anything is written).
     NonFiniteLossError: the loss became NaN/Inf.
     Interrupted: SIGINT/SIGTERM (after saving a checkpoint).
     BadImageError: an image file cannot be decoded (after saving one).
   """
   parallel.maybe_initialize_distributed(config.distributed)
-  forward = config_validation.adopt_pretrained_forward(config)
-  spec = config_validation.validate(config)
-  c = build(config, spec)
+  config, adopted = pretrained_start.adopt_forward(config)
+  plan = config_validation.validate(config)
+  spec = plan.spec
+  resuming = bool(checkpoint_io.checkpoint_steps(checkpoint_dir(config)))
+  pretrained = None
+  if config.pretrained.path and not resuming:
+    pretrained = pretrained_start.read(config)
+  c = build(config, plan)
   try:
-    host_state, position = restore_or_init(config, spec, c)
+    if adopted:
+      c.logger.info("model forward set to the pretrained checkpoint's: "
+                    + ", ".join(f"{k}={v!r}" for k, v in adopted.items()))
+    if resuming:
+      host_state, position = restore(config, spec, c)
+    else:
+      host_state = initial_state(config, spec, c, pretrained)
+      position = None
+    del pretrained
     start = int(host_state.step)
     if parallel.is_host0():
       _write_run_info(config, spec, host_state, c.logger)
-    if forward:
-      c.logger.info("model forward set to the pretrained checkpoint's: "
-                    + ", ".join(f"{k}={v!r}" for k, v in forward.items()))
     c.logger.advance(start)
     state = parallel.replicate(host_state, c.mesh)
     del host_state
@@ -369,11 +384,24 @@ def run(config: Any) -> dict[str, float]:
     except data_lib.ImageDecodeError as err:  # Saved by train_loop.
       raise BadImageError(err, spec.total_steps, spec.total_steps,
                           c.checkpointer.directory) from err
-    c.logger.write(spec.total_steps, "eval", metrics)
+    c.logger.write(spec.total_steps, "eval", metrics, echo=False)
+    c.logger.info(final_line(spec.total_steps, metrics))
     return metrics
   finally:
     c.checkpointer.close()
     c.logger.close()
+
+
+def final_line(step: int, metrics: dict[str, float]) -> str:
+  """The run's result in one line, e.g. `final evaluation at step 449 on 360
+  images: top-1 97.50%, top-5 99.72% (EMA: top-1 97.50%, top-5 99.72%)`."""
+  line = (f"final evaluation at step {step} on {int(metrics['count'])} "
+          f"images: top-1 {100 * metrics['top1']:.2f}%, top-5 "
+          f"{100 * metrics['top5']:.2f}%")
+  if "ema_top1" in metrics:
+    line += (f" (EMA: top-1 {100 * metrics['ema_top1']:.2f}%, top-5 "
+             f"{100 * metrics['ema_top5']:.2f}%)")
+  return line
 
 
 def _write_run_info(config: Any, spec: config_validation.RunSpec,
@@ -388,13 +416,16 @@ def _write_run_info(config: Any, spec: config_validation.RunSpec,
     # Label names (index = label) for nfnets-predict --pretrained WORKDIR.
     names = data_lib.dataset_info(config.dataset.name,
                                   config.dataset.data_dir).class_names
-    from nfnets_jax import builder  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(config.workdir, builder.CLASS_NAMES_FILE),
+    with open(os.path.join(config.workdir, create.CLASS_NAMES_FILE),
               "w") as f:
       json.dump(list(names), f, indent=2)
-  logger.info(run_logging.param_table(state.params))
+  table = run_logging.param_table(state.params)
+  with open(os.path.join(config.workdir, PARAM_TABLE_FILE), "w") as f:
+    f.write(table + "\n")
+  logger.info(run_logging.module_summary(state.params))
   logger.info(
-      f"{config.model.name}: {model_stats.count_params(state.params):,} "
-      f"params; {spec.total_steps} steps of {config.train.global_batch_size}"
-      f" images ({spec.steps_per_epoch} steps/epoch) on {jax.device_count()}"
-      f" device(s), {jax.process_count()} process(es)")
+      f"{config.model.name}: {stats.count_params(state.params):,} "
+      f"params (every one in {PARAM_TABLE_FILE}); {spec.total_steps} steps "
+      f"of {config.train.global_batch_size} images ({spec.steps_per_epoch} "
+      f"steps/epoch) on {jax.device_count()} device(s), "
+      f"{jax.process_count()} process(es)")

@@ -20,10 +20,10 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from nfnets_jax import nf_regnet
-from nfnets_jax import nfnet
-from nfnets_jax import timm_weights
 from nfnets_jax.experiment import config_schema
+from nfnets_jax.models import nf_regnet
+from nfnets_jax.models import nfnet
+from nfnets_jax.pretrained import timm
 
 IMAGENET = "imagenet2012"
 # Official: mixup with Beta(0.2, 0.2); CutMix's kept area uniform = Beta(1, 1).
@@ -62,7 +62,6 @@ def _smoke(config: config_dict.ConfigDict, variant: Any,
   kwargs = config.model.kwargs.to_dict()
   kwargs["variant"] = {**dataclasses.asdict(variant), **tiny,
                        "train_imsize": 32, "test_imsize": 32}
-  kwargs["conv_impl"] = "native"  # XLA:CPU compiles it fastest.
   config.model.kwargs = kwargs
 
 
@@ -86,7 +85,7 @@ def nfnet_imagenet(variant: str, arg: str | None = None
       "variant": variant,  # Its dropout is the variant's (drop_rate=None).
       "width": 1.0, "se_ratio": 0.5, "alpha": 0.2, "stochdepth_rate": 0.25,
       "activation": "gelu", "final_conv_mult": 2.0, "use_two_convs": True,
-      "group_size": 128, "conv_impl": "auto",
+      "group_size": 128,
   }
   t = config.train
   t.global_batch_size = 4096
@@ -137,7 +136,6 @@ def nf_regnet_imagenet(variant: str = "B0", arg: str | None = None
       "variant": variant,
       "width": 0.75, "expansion": 2.25, "se_ratio": 0.5, "alpha": 0.2,
       "stochdepth_rate": 0.1, "activation": "silu", "group_size": 8,
-      "conv_impl": "auto",
   }
   t = config.train
   t.global_batch_size = 1024
@@ -176,7 +174,7 @@ def nf_resnet_imagenet(arg: str | None = None) -> config_dict.ConfigDict:
   config.model.name = "NFResNet"
   config.model.kwargs = {"depth": 50, "width": 4.0, "alpha": 0.2,
                          "stochdepth_rate": 0.1, "drop_rate": 0.0,
-                         "activation": "relu", "conv_impl": "auto"}
+                         "activation": "relu"}
   t = config.train
   t.global_batch_size = 1024
   t.num_epochs = 90.0
@@ -194,8 +192,7 @@ def nf_resnet_imagenet(arg: str | None = None) -> config_dict.ConfigDict:
   if "smoke" in config_schema.parse_args(arg):
     config_schema.smoke(config)
     config.model.kwargs = {**config.model.kwargs.to_dict(),
-                           "depth": (1, 1, 1, 1), "width": 0.25,
-                           "conv_impl": "native"}
+                           "depth": (1, 1, 1, 1), "width": 0.25}
   return config
 
 
@@ -223,8 +220,8 @@ def nfnet_finetune(arg: str | None = None) -> config_dict.ConfigDict:
   config.pretrained.model = None  # From the file: nfnet_f0 / dm_nfnet_f0.
   config.pretrained.reinit_head = True
   # The official forward; a run from a timm file adopts timm's instead
-  # (`config_validation.adopt_pretrained_forward`).
-  config.model.kwargs.update(timm_weights.OFFICIAL_NFNET_KWARGS)
+  # (`pretrained_start.adopt_forward`).
+  config.model.kwargs.update(timm.OFFICIAL_NFNET_KWARGS)
   config.model.kwargs.stochdepth_rate = 0.1
   t = config.train
   t.global_batch_size = 512

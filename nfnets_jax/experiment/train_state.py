@@ -5,6 +5,7 @@ donates its state: every device holds a replica of the state and a slice of
 the global batch; gradients, model state and metrics are averaged with
 `lax.pmean` across all devices of all hosts (pmap's collectives span hosts),
 so the update equals the single-device update on the whole global batch.
+It is compiled with the package's CPU compiler options (`cpu.compiler`).
 
 Randomness: the state's `rng` is split once from the seed and never advanced;
 step `t` uses `fold_in(rng, t)` and device `d` then `fold_in(., d)`, so no
@@ -22,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nfnets_jax import models
-from nfnets_jax.fast_compile import run_once
+from nfnets_jax.cpu import compiler
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
+from nfnets_jax.models import stats
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -53,19 +54,20 @@ class TrainState(NamedTuple):
   rng: Any
 
 
-def make_network(model_config: Any, num_classes: int
-                 ) -> hk.TransformedWithState:
-  """`hk.transform_with_state` of `model(images, is_training)` -> outputs."""
-  name = model_config.name
-  kwargs = (model_config.kwargs.to_dict()
-            if hasattr(model_config.kwargs, "to_dict")
-            else dict(model_config.kwargs))
+def _assemble(tx: optax.GradientTransformation, params: hk.Params,
+              model_state: hk.State, use_ema: bool, rng: jax.Array
+              ) -> TrainState:
+  return TrainState(
+      params=params, model_state=model_state, opt_state=tx.init(params),
+      ema_params=params if use_ema else None,
+      ema_model_state=model_state if use_ema else None,
+      step=jnp.zeros((), jnp.int32), rng=rng)
 
-  def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
-    model = models.build_model(name, num_classes, **kwargs)
-    return model(images, is_training=is_training)
 
-  return hk.transform_with_state(forward)
+def _keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """`(init key, train key)`, both split from the run's one seed."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  return init_key, train_key
 
 
 def init_train_state(net: hk.TransformedWithState,
@@ -76,7 +78,7 @@ def init_train_state(net: hk.TransformedWithState,
   """Initializes the state on the host (NumPy leaves, not replicated).
 
   Args:
-    net: from `make_network`.
+    net: from `models.families.make_network`.
     tx: the optimizer.
     seed: the run's one seed; init and training keys are split from it.
     image_size: training resolution (parameter shapes may depend on it).
@@ -84,20 +86,32 @@ def init_train_state(net: hk.TransformedWithState,
     params, model_state: start from these (fine-tuning) instead of a fresh
       initialization.
   """
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  init_key, train_key = _keys(seed)
   if params is None:
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    params, fresh_state = run_once(
+    params, fresh_state = compiler.run_once(
         lambda k, x: net.init(k, x, is_training=True), init_key, images)
     model_state = fresh_state if model_state is None else model_state
   model_state = {} if model_state is None else model_state
-  opt_state = run_once(tx.init, params)
-  state = TrainState(
-      params=params, model_state=model_state, opt_state=opt_state,
-      ema_params=params if use_ema else None,
-      ema_model_state=model_state if use_ema else None,
-      step=jnp.zeros((), jnp.int32), rng=train_key)
+  state = compiler.run_once(
+      lambda p, s, k: _assemble(tx, p, s, use_ema, k), params, model_state,
+      train_key)
   return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def train_state_template(net: hk.TransformedWithState,
+                         tx: optax.GradientTransformation, *,
+                         image_size: int, use_ema: bool) -> TrainState:
+  """The shapes and dtypes of `init_train_state`'s state, nothing computed.
+
+  `jax.ShapeDtypeStruct` leaves (traced with `jax.eval_shape`: no weights
+  read, no initializer run), the template a checkpoint restores into.
+  """
+  params, model_state = stats.init_shapes(net, image_size)
+  _, train_key = jax.eval_shape(_keys, 0)
+  return jax.eval_shape(
+      lambda p, s, k: _assemble(tx, p, s, use_ema, k), params, model_state,
+      train_key)
 
 
 def ema_decay_at(decay: float, step: jax.Array, warmup: bool) -> jax.Array:
@@ -126,6 +140,7 @@ def make_train_step(
     net: hk.TransformedWithState, tx: optax.GradientTransformation,
     schedule: optax.Schedule, train_config: Any, *,
     clip_stats: Callable[[optax.OptState], Metrics] | None = None,
+    fast_compile: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the pmapped `train_step(state, batch) -> (state, metrics)`.
 
@@ -136,11 +151,13 @@ def make_train_step(
   False, so the caller can stop with the last good state.
 
   Args:
-    net: from `make_network`.
+    net: from `models.families.make_network`.
     tx: the optimizer (its `update` receives the params, for AGC).
     schedule: learning rate as a function of the step (for logging).
     train_config: `config.train`.
     clip_stats: optional `opt_state -> metrics` (AGC clip statistics).
+    fast_compile: compile without LLVM's expensive passes (a run of a few
+      steps, where compiling dominates; `cpu.compiler.FAST_OPTIONS`).
   """
   compute_dtype = jnp.dtype(train_config.compute_dtype)
   smoothing = float(train_config.label_smoothing)
@@ -192,4 +209,6 @@ def make_train_step(
                              new_state, state)
     return new_state, metrics
 
-  return jax.pmap(train_step, axis_name=parallel.AXIS, donate_argnums=0)
+  return compiler.Compiled(
+      jax.pmap(train_step, axis_name=parallel.AXIS, donate_argnums=0),
+      fast=fast_compile)

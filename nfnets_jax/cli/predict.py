@@ -1,0 +1,177 @@
+"""`nfnets-predict`: classify image files with a pretrained model.
+
+Each image is read with PIL (grey, palette and RGBA become RGB),
+preprocessed exactly as the evaluation pipeline does (`DataConfig.
+preprocess`: bicubic resize to test size + crop padding, center crop,
+ImageNet normalization) and classified; one line per image gives its top-k
+labels with softmax probabilities. An image that cannot be read is named on
+stderr, the others are still classified, and the exit status is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from nfnets_jax.cli import errors
+from nfnets_jax.cpu import malloc
+from nfnets_jax.pretrained import create
+from nfnets_jax.pretrained import export
+
+PROG = "nfnets-predict"
+EXIT_UNREADABLE = 1
+DESCRIPTION = f"""\
+Classify images with a pretrained NFNet (or any model of
+nfnets_jax.list_models()) and print the top-k labels with probabilities,
+one line per image: `PATH: label (p%), label (p%), ...`, or with --json one
+object per line: {{"path": ..., "top": [{{"label", "index", "prob"}}, ...]}}.
+
+--pretrained takes an official F*_haiku.npz, a safe .npz, a timm
+dm_nfnet_* .safetensors / .pth, an nfnets-train workdir (its newest
+checkpoint, EMA weights when kept) or an artifact of nfnets_jax.export().
+The model is inferred from the checkpoint where it can be (NFNet params,
+a workdir's config, an export); --model names it otherwise or overrides it
+(e.g. dm_nfnet_f0 for timm's definition of converted weights).
+
+Labels: the ImageNet synsets for 1000-class models, the class folder names
+of a model fine-tuned on an image folder, indices otherwise.
+
+Exit status: 0; 1 when some image could not be read (each is named on
+stderr, the others are classified); 2 for a bad checkpoint or argument.
+
+examples:
+  {PROG} --pretrained F0_haiku.npz cat.jpg dog.png
+  {PROG} --pretrained dm_nfnet_f0.safetensors --top-k 3 *.jpg
+  {PROG} --pretrained /tmp/run --json photos/*.jpg
+  {PROG} --pretrained f0.nfx img.jpg      # written by nfnets_jax.export()
+"""
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG, description=DESCRIPTION,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("images", nargs="+", metavar="IMAGE",
+                      help="image files (anything PIL reads)")
+  parser.add_argument("--pretrained", required=True, metavar="CKPT",
+                      help="checkpoint file, nfnets-train workdir or "
+                      "exported artifact")
+  parser.add_argument("--model", default=None, metavar="NAME",
+                      help="registry name (default: inferred from CKPT)")
+  parser.add_argument("--top-k", type=int, default=5, metavar="K",
+                      help="labels per image (default 5)")
+  parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                      help="images per forward pass (default 16)")
+  parser.add_argument("--json", action="store_true",
+                      help="one JSON object per line instead of text")
+  parser.add_argument("--verbose", action="store_true",
+                      help="tracebacks for errors")
+  return parser
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 `[H, W, 3]` RGB (grey/palette/RGBA converted).
+
+  Raises:
+    OSError: unreadable or not an image (PIL's own errors).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    if image.mode in ("RGBA", "LA", "P"):
+      # Transparent pixels over white, not over PIL's black default.
+      rgba = image.convert("RGBA")
+      canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+      image = Image.alpha_composite(canvas, rgba)
+    return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def load_predictor(pretrained: str, model_name: str | None) -> Any:
+  """A `Model` or `ExportedModel` (both: callable, `data_config`, labels)."""
+  if export.is_exported(pretrained):
+    if model_name is not None:
+      raise errors.UsageError(f"--model={model_name!r}: an exported artifact "
+                           "fixes its model; leave --model unset")
+    return export.load_exported(pretrained)
+  return create.create_model(model_name, pretrained=pretrained)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]
+
+
+def classify(predictor: Any, images: Sequence[np.ndarray], batch_size: int
+             ) -> np.ndarray:
+  """Softmax probabilities `[N, classes]` of preprocessed images.
+
+  A fixed-batch export gets its batches padded (the padding is dropped).
+  """
+  fixed = getattr(predictor, "batch_size", None)
+  size = fixed or batch_size
+  probs = []
+  for chunk in _batches(list(images), size):
+    x = np.stack(chunk)
+    n = len(x)
+    if fixed and n < fixed:
+      x = np.concatenate([x, np.zeros((fixed - n,) + x.shape[1:], x.dtype)])
+    logits = np.asarray(predictor(x), np.float64)[:n]
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    probs.append(p / p.sum(axis=1, keepdims=True))
+  return np.concatenate(probs)
+
+
+def top_k(probs: np.ndarray, k: int, label_names: Sequence[str] | None
+          ) -> list[dict[str, Any]]:
+  """The `k` most probable classes of one `[classes]` row."""
+  order = np.argsort(-probs, kind="stable")[:k]
+  return [{"label": (label_names[i] if label_names is not None else str(i)),
+           "index": int(i), "prob": float(probs[i])} for i in order]
+
+
+def format_line(path: str, top: Sequence[dict[str, Any]], as_json: bool
+                ) -> str:
+  if as_json:
+    return json.dumps({"path": path, "top": list(top)})
+  return f"{path}: " + ", ".join(f"{t['label']} ({100 * t['prob']:.1f}%)"
+                                 for t in top)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+  """The command; returns the exit status (see the module docstring)."""
+  args = make_parser().parse_args(argv)
+  if args.top_k < 1:
+    raise errors.UsageError(f"--top-k={args.top_k} must be >= 1")
+  if args.batch_size < 1:
+    raise errors.UsageError(f"--batch-size={args.batch_size} must be >= 1")
+  predictor = load_predictor(args.pretrained, args.model)
+  paths, inputs, failed = [], [], 0
+  for path in args.images:
+    try:
+      inputs.append(predictor.data_config.preprocess(read_image(path)))
+      paths.append(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors.
+      failed += 1
+      print(f"{PROG}: cannot read image {path}: {e}", file=sys.stderr)
+  if inputs:
+    probs = classify(predictor, inputs, args.batch_size)
+    k = min(args.top_k, probs.shape[1])
+    for path, row in zip(paths, probs):
+      print(format_line(path, top_k(row, k, predictor.label_names),
+                        args.json), flush=True)
+  return EXIT_UNREADABLE if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Console entry point: `run` behind `errors.guard` (bad input -> exit 2)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
+  return errors.guard(PROG, lambda: run(argv), argv=argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

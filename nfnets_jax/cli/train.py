@@ -1,0 +1,99 @@
+r"""Trains and evaluates an NFNet experiment described by a config file.
+
+    nfnets-train --config configs/default.py --workdir /tmp/digits
+    nfnets-train --config configs/nfnet_f0.py --workdir gs-or-local-dir \
+        --config.dataset.data_dir=/data/tfds --config.train.num_epochs=90
+    python -m nfnets_jax.cli.train --config configs/nfnet.py:F3,smoke --workdir w
+
+`--config.<field>=<value>` overrides any field (the config is locked, so a
+misspelt field fails, naming the closest fields); `:smoke` after a config
+path selects its one-step, tiny-model variant. `--help` lists the flags, the
+common overrides and the configs found; bad input is one message (exit 2),
+with the traceback under `--verbose` or `NFNETS_VERBOSE=1`. Running again with the same workdir resumes from its
+newest checkpoint. Exit status: 0 done, 2 invalid config or an image that
+cannot be decoded (a checkpoint was saved), 3 non-finite loss, 130
+interrupted (a checkpoint was saved).
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from nfnets_jax.cli import errors
+from nfnets_jax.cli import train_flags
+from nfnets_jax.cpu import malloc
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py), optionally "
+    "followed by ':<arg>' passed to its get_config (e.g. ':smoke').",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
+    "events and the resolved config; an existing run there is resumed.")
+flags.DEFINE_bool(
+    "verbose", False, "Show the Python traceback of an error (or set "
+    f"{errors.VERBOSE_ENV}=1).")
+
+PROG = train_flags.PROG
+EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _main(argv: list[str]) -> int:
+  del argv  # Checked by _run: the program name only.
+  # Imported here: --help and flag errors answer without TFDS, orbax, grain.
+  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import config_validation
+  from nfnets_jax.experiment import loop
+  # pylint: enable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
+  config = _CONFIG.value
+  config.workdir = _WORKDIR.value
+  try:
+    loop.run(config)
+  except config_validation.ConfigError as err:
+    errors.report(PROG, err, verbose=errors.verbose_requested())
+    return EXIT_BAD_CONFIG
+  except loop.NonFiniteLossError as err:
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_NON_FINITE
+  except loop.BadImageError as err:  # Bad input; a checkpoint was saved.
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  except (loop.checkpointing.NoIntactCheckpointError,
+          loop.checkpointing.CheckpointMismatchError) as err:
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+  except loop.Interrupted as err:
+    print(f"nfnets-train: {err}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  return 0
+
+
+def _run(argv: list[str]) -> int:
+  """`--help`, or the checked flags and then `_main` under absl."""
+  if train_flags.wants_help(argv[1:]):
+    print(train_flags.help_text(argv[1:]))
+    return 0
+  app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
+  remaining = train_flags.parse_flags(argv)
+  if len(remaining) > 1:
+    raise errors.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "
+                         "takes only flags (see --help)")
+  # absl's set-up (logging handler, faulthandler), then sys.exit(_main()).
+  app.run(_main, argv=argv, flags_parser=lambda _: remaining)
+  return 0
+
+
+def main() -> None:
+  """Console entry point `nfnets-train`."""
+  malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
+  sys.exit(errors.guard(PROG, lambda: _run(sys.argv)))
+
+
+if __name__ == "__main__":
+  main()

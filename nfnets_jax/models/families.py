@@ -1,0 +1,89 @@
+"""Model families by name, and the one way to build a network from data.
+
+A config or a registry entry names a model as `(family, kwargs)`;
+`make_network` turns that into the `hk.transform_with_state` of
+`forward(images, is_training) -> outputs` that training, evaluation,
+`create_model` and export all use.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+
+from nfnets_jax.models import fixup_resnet
+from nfnets_jax.models import nf_regnet
+from nfnets_jax.models import nf_resnet
+from nfnets_jax.models import nfnet
+from nfnets_jax.models import resnet
+from nfnets_jax.models import skipinit_resnet
+
+MODELS: dict[str, Callable[..., hk.Module]] = {
+    "NFNet": nfnet.NFNet,
+    "NFResNet": nf_resnet.NFResNet,
+    "NFRegNet": nf_regnet.NFRegNet,
+    "ResNet": resnet.ResNet,
+    "SkipInitResNet": skipinit_resnet.SkipInitResNet,
+    "FixupResNet": fixup_resnet.FixupResNet,
+}
+# Keyword arguments models took before the lowering became a run-time
+# setting (`nfnets_jax.cpu.conv_impl`, `$NFNETS_JAX_CONV`).
+RUNTIME_SETTINGS = ("conv_impl",)
+
+
+def check_family(name: str, kwargs: Mapping[str, Any]) -> None:
+  """Raises ValueError for an unknown family or a run-time setting in kwargs.
+
+  Raises:
+    ValueError: naming the field, the value and what is allowed.
+  """
+  if name not in MODELS:
+    raise ValueError(f"config.model.name={name!r} is invalid; allowed: one "
+                     f"of {sorted(MODELS)}")
+  for key in RUNTIME_SETTINGS:
+    if key in kwargs:
+      raise ValueError(
+          f"config.model.kwargs.{key}={kwargs[key]!r} is not a model "
+          "argument: the convolution lowering is a run-time setting, not "
+          "part of the model. Remove it, and set NFNETS_JAX_CONV="
+          f"{kwargs[key]} in the environment (or use `with "
+          f"nfnets_jax.cpu.conv_impl({kwargs[key]!r}):`) if you need it")
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> hk.Module:
+  """Builds the model family `name` (must be called inside a Haiku transform).
+
+  Args:
+    name: a key of `MODELS`.
+    num_classes: classifier outputs.
+    **kwargs: the family's constructor arguments (e.g. `variant='F0'`).
+
+  Raises:
+    ValueError: unknown model name, or a run-time setting among kwargs.
+  """
+  check_family(name, kwargs)
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int
+                 ) -> hk.TransformedWithState:
+  """`hk.transform_with_state` of `forward(images, is_training)` -> outputs.
+
+  Args:
+    family: a key of `MODELS`.
+    kwargs: its constructor arguments (a dict or a ConfigDict).
+    num_classes: classifier outputs.
+
+  Raises:
+    ValueError: unknown family, or a run-time setting among kwargs.
+  """
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  check_family(family, kwargs)
+
+  def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
+    return build_model(family, num_classes, **kwargs)(
+        images, is_training=is_training)
+
+  return hk.transform_with_state(forward)

@@ -1,0 +1,329 @@
+"""Pre-activation ResNets (v2), with batch norm or without normalization.
+
+The normalized baseline of the NF papers, and the shared ResNet layout (depth
+table, stage widths, float32-parameter plain convolution) that the NF-ResNet,
+SkipInit and Fixup families build on.
+
+References:
+  [He, Zhang, Ren, Sun 2016] Identity Mappings in Deep Residual Networks
+    (ECCV). Pre-activation (v2) bottleneck blocks.
+  [Brock, De, Smith 2021] Characterizing signal propagation to close the
+    performance gap in unnormalized ResNets (ICLR). The BN and unnormalized
+    ResNets of its signal propagation plots; the official release's
+    `nfnets/resnet.py`, whose names and defaults this file mirrors.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets_jax.models import layers
+
+Normalization = Literal["batchnorm", "none"]
+
+# Blocks per stage of the bottleneck ResNets. 26-200 as He et al. / timm,
+# 270-420 as ResNet-RS (Bello et al. 2021), 288 and 600 the deep uniform
+# networks of the official release (used for the signal propagation plots).
+RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    270: (4, 29, 53, 4),
+    288: (24, 24, 24, 24),
+    350: (4, 36, 72, 4),
+    420: (4, 44, 87, 4),
+    600: (50, 50, 50, 50),
+}
+# Stage widths are these times the `width` multiplier (official default 4:
+# 256, 512, 1024, 2048); the stem has 16 * width channels.
+STAGE_WIDTHS = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+
+Depth = int | str | Sequence[int]
+
+
+def get_depths(depth: Depth) -> tuple[int, ...]:
+  """Blocks per stage of a ResNet.
+
+  Args:
+    depth: a key of `RESNET_DEPTHS` (50), the official variant name
+      ('ResNet50'), or a custom per-stage tuple such as (24, 24, 24, 24).
+
+  Returns:
+    A tuple of positive ints, one per stage.
+
+  Raises:
+    ValueError: unknown depth, or a malformed custom tuple.
+  """
+  allowed = (f"allowed: {sorted(RESNET_DEPTHS)}, 'ResNet<depth>', or a "
+             f"per-stage tuple of positive ints")
+  if isinstance(depth, str):
+    name = depth.removeprefix("ResNet")
+    if not name.isdigit() or int(name) not in RESNET_DEPTHS:
+      raise ValueError(f"ResNet depth={depth!r} is unknown; {allowed}")
+    return RESNET_DEPTHS[int(name)]
+  if isinstance(depth, int):
+    if depth not in RESNET_DEPTHS:
+      raise ValueError(f"ResNet depth={depth!r} is unknown; {allowed}")
+    return RESNET_DEPTHS[depth]
+  depths = tuple(depth)
+  if (not depths or len(depths) > len(STAGE_WIDTHS)
+      or not all(isinstance(d, int) and d > 0 for d in depths)):
+    raise ValueError(f"ResNet depth={depth!r} is not a tuple of 1 to "
+                     f"{len(STAGE_WIDTHS)} positive ints; {allowed}")
+  return depths
+
+
+def stage_widths(width: float, num_stages: int) -> list[int]:
+  """Output channels of each stage for a width multiplier."""
+  return [int(w * width) for w in STAGE_WIDTHS[:num_stages]]
+
+
+class BlockLayout(NamedTuple):
+  """Where one residual block of a ResNet-layout network sits.
+
+  Attributes:
+    in_ch, out_ch: input and output channels.
+    stride: 2 for the first block of stages 2-4, else 1.
+    first_in_stage: a transition block (projection shortcut).
+    index: the block's position over the whole network (0-based); the
+      stochastic depth rate of block i is `rate * i / num_blocks`.
+  """
+  in_ch: int
+  out_ch: int
+  stride: int
+  first_in_stage: bool
+  index: int
+
+
+def block_layout(stem_ch: int, width: float, depths: Sequence[int]
+                 ) -> list[BlockLayout]:
+  """Every block of a ResNet with stage widths `64..512 x width`."""
+  blocks, ch = [], stem_ch
+  for out_ch, stage_depth, stride in zip(
+      stage_widths(width, len(depths)), depths, STAGE_STRIDES):
+    for i in range(stage_depth):
+      blocks.append(BlockLayout(ch, out_ch, stride if i == 0 else 1, i == 0,
+                                len(blocks)))
+      ch = out_ch
+  return blocks
+
+
+class Conv2D(hk.Conv2D):
+  """`hk.Conv2D` whose parameters are float32 whatever the input dtype.
+
+  The kernel and bias are created in float32 and cast to the input dtype for
+  the convolution, as `layers.WSConv2D` does, so a model initialised in
+  float32 runs with bfloat16 inputs and keeps float32 master weights.
+  """
+
+  def __call__(self, inputs: jax.Array, **kwargs: Any) -> jax.Array:
+    dtype = inputs.dtype
+
+    def create(next_creator, shape, _, init, context):
+      del context
+      return next_creator(shape, jnp.float32, init)
+
+    def get(next_getter, value, context):
+      del context
+      return next_getter(value).astype(dtype)
+
+    with hk.custom_creator(create), hk.custom_getter(get):
+      return super().__call__(inputs, **kwargs)
+
+
+def scalar_param(name: str, init: hk.initializers.Initializer,
+                 dtype: jnp.dtype) -> jax.Array:
+  """A float32 scalar parameter, cast to the compute dtype."""
+  return hk.get_parameter(name, (), jnp.float32, init=init).astype(dtype)
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
+                   round_limit: float = 0.9) -> int:
+  """Rounds a channel count to a multiple of `divisor`, as timm does.
+
+  Nearest multiple, at least `min_value` (default `divisor`), bumped up one
+  multiple if rounding lost more than `1 - round_limit` of `v`.
+  """
+  min_value = min_value or divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < round_limit * v:
+    new_v += divisor
+  return new_v
+
+
+def make_norm(normalization: Normalization, norm_kwargs: Mapping[str, Any],
+              name: str) -> hk.BatchNorm | None:
+  """An `hk.BatchNorm` named `name`, or None for normalization 'none'."""
+  if normalization == "batchnorm":
+    return hk.BatchNorm(name=name, **norm_kwargs)
+  return None
+
+
+def apply_norm(norm: hk.BatchNorm | None, x: jax.Array, is_training: bool,
+               test_local_stats: bool) -> jax.Array:
+  """Batch norm computed in float32 (statistics and parameters), or identity.
+
+  Under normalization 'none' no module exists, so the parameter tree is the
+  batch-norm tree minus the norms.
+  """
+  if norm is None:
+    return x
+  return norm(x.astype(jnp.float32), is_training,
+              test_local_stats).astype(x.dtype)
+
+
+class ResBlockV2(hk.Module):
+  """Pre-activation bottleneck: `x + f(act(bn0(x)))`.
+
+  `f` is conv0 (1x1) -> bn1, act -> conv1 (3x3, strided) -> bn2, act ->
+  conv2 (1x1), all convs without bias.
+
+  The first block of each stage projects the shortcut with a (strided) 1x1
+  conv of the pre-activated input; optional squeeze-excite scales the branch.
+  """
+
+  def __init__(self, out_ch: int, *, stride: int = 1,
+               use_projection: bool = False,
+               activation: layers.Activation = jax.nn.relu,
+               normalization: Normalization = "batchnorm",
+               norm_kwargs: Mapping[str, Any] | None = None,
+               conv_kwargs: Mapping[str, Any] | None = None,
+               se_ratio: float | None = None, name: str | None = None):
+    super().__init__(name=name)
+    self.out_ch = out_ch
+    self.stride = stride
+    self.use_projection = use_projection
+    self.activation = activation
+    self.width = out_ch // 4
+    norm = lambda name: make_norm(normalization, norm_kwargs or {}, name)
+    conv = lambda ch, k, name, stride=1: Conv2D(
+        ch, kernel_shape=k, stride=stride, with_bias=False, padding="SAME",
+        name=name, **(conv_kwargs or {}))
+    self.bn0 = norm("bn0")
+    self.conv0 = conv(self.width, 1, "conv0")
+    self.bn1 = norm("bn1")
+    self.conv1 = conv(self.width, 3, "conv1", stride=stride)
+    self.bn2 = norm("bn2")
+    self.conv2 = conv(out_ch, 1, "conv2")
+    if use_projection:
+      self.conv_shortcut = conv(out_ch, 1, "conv_shortcut", stride=stride)
+    self.se = (layers.SqueezeExcite(out_ch, out_ch, se_ratio)
+               if se_ratio is not None else None)
+
+  def __call__(self, x: jax.Array, is_training: bool,
+               test_local_stats: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns the block output and `branch_in_avg_var`, `res_avg_var`."""
+    bn_args = (is_training, test_local_stats)
+    normed = apply_norm(self.bn0, x, *bn_args)
+    out = self.activation(normed)
+    shortcut = self.conv_shortcut(out) if self.use_projection else x
+    out = self.conv0(out)
+    out = self.conv1(self.activation(apply_norm(self.bn1, out, *bn_args)))
+    out = self.conv2(self.activation(apply_norm(self.bn2, out, *bn_args)))
+    if self.se is not None:
+      out = self.se(out) * out
+    metrics = {"branch_in_avg_var": layers.avg_channel_var(normed),
+               "res_avg_var": layers.avg_channel_var(out)}
+    return out + shortcut, metrics
+
+
+class ResNet(hk.Module):
+  """Pre-activation ResNet (v2) with batch norm, or unnormalized.
+
+  Stem: 7x7 stride-2 conv and 3x3 stride-2 max pool; four stages of
+  bottleneck blocks; final norm, activation, average pool, classifier.
+  Input NHWC; returns a dict with `logits`, `pool` and, with
+  `return_metrics=True`, the signal metrics of the stem (index 0) and of each
+  block i (index i + 1): `avg_sq_mean_{i}`, `avg_var_{i}`, `res_avg_var_{i}`,
+  `branch_in_avg_var_{i}` (the same keys as `NFNet`).
+  Batch norm statistics live in Haiku state (use `hk.transform_with_state`).
+  """
+
+  def __init__(self, num_classes: int, depth: Depth = 50, *,
+               width: float = 4, normalization: Normalization = "batchnorm",
+               norm_kwargs: Mapping[str, Any] | None = None,
+               activation: str = "relu", drop_rate: float = 0.0,
+               fc_init: hk.initializers.Initializer | None = None,
+               conv_kwargs: Mapping[str, Any] | None = None,
+               se_ratio: float | None = None, name: str = "ResNet"):
+    """Builds the network.
+
+    Args:
+      num_classes: classifier outputs.
+      depth: 26, 50, ... 600 (`RESNET_DEPTHS`), 'ResNet50', or per-stage
+        block counts such as (24, 24, 24, 24).
+      width: multiplier of the stage widths (64, 128, 256, 512); official 4.
+      normalization: 'batchnorm', or 'none' for the unnormalized ResNet (same
+        layout and init, every norm removed).
+      norm_kwargs: overrides of the `hk.BatchNorm` arguments (default
+        `create_scale=True, create_offset=True, decay_rate=0.9`).
+      activation: unscaled nonlinearity name (`layers.RAW_NONLINEARITIES`).
+      drop_rate: classifier dropout.
+      fc_init: classifier weight init (official: zeros).
+      conv_kwargs: extra `hk.Conv2D` arguments for every conv, e.g.
+        `w_init` (official default: Haiku's truncated normal 1/sqrt(fan_in)).
+      se_ratio: squeeze-excite hidden ratio; None for no SE (official
+        `use_se=False`).
+      name: module name (official: 'ResNet').
+
+    Raises:
+      ValueError: unknown depth, normalization or activation.
+    """
+    super().__init__(name=name)
+    if normalization not in ("batchnorm", "none"):
+      raise ValueError(f"normalization={normalization!r}; allowed: "
+                       "'batchnorm', 'none'")
+    self.num_classes = num_classes
+    self.depths = get_depths(depth)
+    self.normalization = normalization
+    self.activation = layers.get_activation(activation, scaled=False)
+    self.drop_rate = drop_rate
+    norm_kwargs = {"create_scale": True, "create_offset": True,
+                   "decay_rate": 0.9, **(norm_kwargs or {})}
+    self.initial_conv = Conv2D(int(16 * width), kernel_shape=7, stride=2,
+                               padding="SAME", with_bias=False,
+                               name="initial_conv", **(conv_kwargs or {}))
+    self.blocks = [
+        ResBlockV2(b.out_ch, stride=b.stride, use_projection=b.first_in_stage,
+                   activation=self.activation, normalization=normalization,
+                   norm_kwargs=norm_kwargs, conv_kwargs=conv_kwargs,
+                   se_ratio=se_ratio)
+        for b in block_layout(int(16 * width), width, self.depths)]
+    self.final_bn = make_norm(normalization, norm_kwargs, "final_bn")
+    self.fc = hk.Linear(num_classes, with_bias=True,
+                        w_init=fc_init or jnp.zeros)
+
+  def __call__(self, x: jax.Array, is_training: bool = True,
+               return_metrics: bool = False,
+               test_local_stats: bool = False) -> dict[str, jax.Array]:
+    """Returns logits (no softmax), pool and optional signal metrics.
+
+    Args:
+      x: NHWC images.
+      is_training: batch statistics (and updates of the moving averages)
+        if True, moving averages if False; enables dropout.
+      return_metrics: add the signal propagation metrics.
+      test_local_stats: use batch statistics at evaluation too.
+    """
+    outputs = {}
+    out = self.initial_conv(x)
+    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                      padding="SAME")
+    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       is_training=is_training,
+                                       test_local_stats=test_local_stats)
+    outputs.update(metrics)
+    out = self.activation(
+        apply_norm(self.final_bn, out, is_training, test_local_stats))
+    outputs["pool"], pool = layers.pool_features(
+        out, self.drop_rate, is_training)
+    outputs["logits"] = self.fc(pool)
+    return outputs

@@ -1,0 +1,157 @@
+"""Parameter shapes and counts, and FLOPs, of any Haiku model, traced.
+
+The one place that traces a model for its parameter shapes: `init_shapes`
+(any network), `param_shapes` (a named family, cached) and
+`classifier_names` (the leaves whose shapes follow the class count). Models
+are traced under the 'native' convolution lowering (one op per convolution,
+the quickest to trace; shapes and counts do not depend on the lowering).
+
+FLOPs are counted as the papers do: multiply-accumulates (MACs) of the
+convolutions and matrix multiplies (classifier, squeeze-excite linears) for
+one image; elementwise ops, pooling and weight standardization are free.
+Work on the weights alone (weight standardization's mean and variance are
+dots) does not grow with the batch, so a model's count is the MACs of a
+2-image forward minus those of a 1-image one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets_jax.cpu import lowering
+from nfnets_jax.models import families
+
+ModelFn = Callable[[jax.Array], Any]
+Shapes = dict[str, dict[str, tuple[int, ...]]]
+# Input side for tracing: no family's parameter shapes depend on it.
+TRACE_SIZE = 64
+
+
+def count_params(params: hk.Params) -> int:
+  """Total number of scalars in a parameter tree."""
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+def init_shapes(model: hk.TransformedWithState | ModelFn,
+                image_size: int = TRACE_SIZE, channels: int = 3
+                ) -> tuple[hk.Params, hk.State]:
+  """Parameter and state shapes of a model, without compute.
+
+  Args:
+    model: `hk.transform_with_state` of `forward(images, is_training)`
+      (`families.make_network`; initialized in training mode, where batch
+      norm creates its moving averages), or a function of NHWC images to
+      outputs, run inside `hk.transform_with_state`.
+    image_size: input height and width.
+    channels: input channels.
+
+  Returns:
+    `(params, state)` trees of `jax.ShapeDtypeStruct`.
+  """
+  if isinstance(model, hk.TransformedWithState):
+    init = lambda x: model.init(jax.random.key(0), x, is_training=True)
+  else:
+    init = lambda x: hk.transform_with_state(model).init(jax.random.key(0), x)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels),
+                                jnp.float32)
+  with lowering.conv_impl("native"):
+    return jax.eval_shape(init, images)
+
+
+def as_shapes(tree: Mapping[str, Mapping[str, Any]]) -> Shapes:
+  """`{module: {name: array-like}}` -> `{module: {name: shape}}`."""
+  return {m: {n: tuple(np.shape(v)) for n, v in leaves.items()}
+          for m, leaves in tree.items()}
+
+
+def _frozen(kwargs: Mapping[str, Any]) -> Any:
+  if isinstance(kwargs, Mapping):
+    return tuple(sorted((k, _frozen(v)) for k, v in kwargs.items()))
+  if isinstance(kwargs, (list, tuple)):
+    return tuple(_frozen(v) for v in kwargs)
+  return kwargs
+
+
+_SHAPES_CACHE: dict[Any, tuple[Shapes, Shapes]] = {}
+
+
+def param_shapes(family: str, kwargs: Mapping[str, Any], num_classes: int
+                 ) -> tuple[Shapes, Shapes]:
+  """`({module: {param: shape}}, state shapes)` of a named model (cached).
+
+  Args:
+    family: a key of `families.MODELS`.
+    kwargs: its constructor arguments.
+    num_classes: classifier outputs.
+  """
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  key = (family, _frozen(kwargs), num_classes)
+  if key not in _SHAPES_CACHE:
+    net = families.make_network(family, kwargs, num_classes)
+    params, state = init_shapes(net)
+    _SHAPES_CACHE[key] = as_shapes(params), as_shapes(state)
+  params, state = _SHAPES_CACHE[key]
+  return ({m: dict(v) for m, v in params.items()},
+          {m: dict(v) for m, v in state.items()})
+
+
+def classifier_names(family: str, kwargs: Mapping[str, Any]
+                     ) -> list[tuple[str, str]]:
+  """The `(module, param)` names whose shapes depend on `num_classes`."""
+  one, _ = param_shapes(family, kwargs, 1)
+  two, _ = param_shapes(family, kwargs, 2)
+  return sorted((m, n) for m, leaves in one.items() for n, s in leaves.items()
+                if two.get(m, {}).get(n) != s)
+
+
+def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
+  macs = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      lhs, rhs = (v.aval for v in eqn.invars)
+      out = eqn.outvars[0].aval
+      dn = eqn.params["dimension_numbers"]
+      kernel_in = rhs.shape[dn.rhs_spec[1]]  # already in_ch // groups
+      kernel_spatial = np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]])
+      macs += int(np.prod(out.shape)) * int(kernel_in * kernel_spatial)
+    elif eqn.primitive.name == "dot_general":
+      lhs = eqn.invars[0].aval
+      (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+      out = eqn.outvars[0].aval
+      contracted = np.prod([lhs.shape[d] for d in contract_lhs])
+      macs += int(np.prod(out.shape)) * int(contracted)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      macs += _jaxpr_macs(sub)
+  return macs
+
+
+def count_flops(model_fn: ModelFn, image_size: int, channels: int = 3) -> int:
+  """Multiply-accumulates of one forward pass on one image (eval mode).
+
+  Args:
+    model_fn: maps NHWC images to outputs (traced with batches 1 and 2),
+      run inside `hk.transform_with_state`; build the model for evaluation.
+    image_size: input height and width (the paper uses the test resolution).
+    channels: input channels.
+
+  Returns:
+    MACs, the unit the NFNet paper reports as FLOPs.
+  """
+  net = hk.transform_with_state(lambda x, is_training: model_fn(x))
+  params, state = init_shapes(net, image_size, channels)
+
+  def macs(batch: int) -> int:
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, channels),
+                             jnp.float32)
+    with lowering.conv_impl("native"):
+      jaxpr = jax.make_jaxpr(
+          lambda p, s, x: net.apply(p, s, None, x, is_training=False))(
+              params, state, x).jaxpr
+    return _jaxpr_macs(jaxpr)
+
+  return macs(2) - macs(1)

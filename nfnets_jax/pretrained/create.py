@@ -1,0 +1,410 @@
+"""`create_model`: a named model with weights from any checkpoint, callable.
+
+    import nfnets_jax as nj
+    model = nj.create_model("dm_nfnet_f0", pretrained="dm_nfnet_f0.safetensors")
+    logits = model(images)   # [N, 256, 256, 3] normalized -> [N, 1000]
+
+`pretrained` is told apart by its content (`detect_format`):
+  official  DeepMind's `F0_haiku.npz` ... (a dill pickle, read by the
+            restricted unpickler of `pretrained.official`: no code runs);
+  npz       a safe `.npz` of flat `module/param` names (`save_npz`);
+  timm      a timm `dm_nfnet_*` state dict, `.safetensors` or torch `.pth`
+            (`pretrained.timm`);
+  workdir   an `nfnets-train` workdir: the model of its `config.json`, the
+            newest checkpoint's EMA params when the run kept them (else the
+            raw ones), the class names of `class_names.json` when present;
+  exported  an `nfnets_jax.export()` artifact: not loadable here (no
+            params tree; use `nfnets_jax.load_exported`).
+Without a name the model is inferred: an NFNet's variant from its params
+(`nfnet_*` for official and npz files, `dm_nfnet_*` for timm's), a
+workdir's from its config. Params that do not fit the model are refused
+with every differing name and shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any
+import warnings
+import zipfile
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets_jax.cpu import compiler
+from nfnets_jax.cpu import lowering
+from nfnets_jax.experiment import checkpoint_io
+from nfnets_jax.models import families
+from nfnets_jax.models import stats
+from nfnets_jax.pretrained import checks
+from nfnets_jax.pretrained import export
+from nfnets_jax.pretrained import official
+from nfnets_jax.pretrained import registry
+from nfnets_jax.pretrained import timm
+
+PathLike = str | os.PathLike
+FORMATS = ("official", "npz", "timm", "workdir", "exported")
+# What an nfnets-train run that fine-tuned on an image folder writes: a JSON
+# list of class names, index = label.
+CLASS_NAMES_FILE = "class_names.json"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """Weights read from a file or workdir, before they meet a model.
+
+  Attributes:
+    path: where they came from.
+    format: one of `FORMATS`.
+    params, state: host NumPy trees `{module: {name: array}}`.
+    spec: the model they were trained as, when it can be told (NFNet
+      params, a workdir's config), else None.
+    label_names: class names (a workdir's `class_names.json`), or None.
+    step: a workdir checkpoint's training step (None for files).
+    ema: whether the params are a workdir's EMA params.
+  """
+  path: str
+  format: str
+  params: dict[str, dict[str, np.ndarray]]
+  state: dict[str, dict[str, np.ndarray]]
+  spec: registry.ModelSpec | None
+  label_names: tuple[str, ...] | None = None
+  step: int | None = None
+  ema: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+  """A network and its weights: `model(images)` gives eval-mode logits.
+
+  Attributes:
+    name: the registry name (or the workdir's model, for a workdir).
+    net: `hk.transform_with_state` of `forward(images, is_training)` ->
+      outputs dict (`logits`, `pool`), the form `nfnets-train` trains.
+    params, state: the weights (device arrays).
+    num_classes: classifier outputs.
+    data_config: the input geometry (`preprocess` and the pipelines use it).
+    family, model_kwargs: the `models.families.MODELS` class and its
+      constructor arguments.
+    label_names: class names by index, or None.
+
+  The forward is compiled on the first call for each input shape and
+  convolution lowering (`nfnets_jax.cpu.conv_impl`), with the package's CPU
+  compiler options.
+  """
+  name: str
+  net: hk.TransformedWithState
+  params: hk.Params
+  state: hk.State
+  num_classes: int
+  data_config: registry.DataConfig
+  family: str
+  model_kwargs: Mapping[str, Any]
+  label_names: tuple[str, ...] | None = None
+  _jitted: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                              init=False, repr=False)
+
+  def logits(self, params: hk.Params, state: hk.State,
+             images: jax.Array) -> jax.Array:
+    """The pure eval-mode forward: `[N, H, W, 3]` -> `[N, num_classes]`."""
+    outputs, _ = self.net.apply(params, state, None, images,
+                                is_training=False)
+    return outputs["logits"]
+
+  def __call__(self, images: Any) -> jax.Array:
+    """Logits `[N, num_classes]` of normalized NHWC float images.
+
+    Compiled on the first call (and again for each new input shape).
+    """
+    impl = lowering.resolved_conv_impl()
+    if impl not in self._jitted:
+      self._jitted[impl] = compiler.jit(self.logits)
+    return self._jitted[impl](self.params, self.state, jnp.asarray(images))
+
+  def preprocess(self, image: np.ndarray) -> np.ndarray:
+    """One `[H, W, 3]` 0-255 RGB image -> the model's eval input."""
+    return self.data_config.preprocess(image)
+
+
+def imagenet_label_names() -> tuple[str, ...] | None:
+  """The 1000 ImageNet synsets in label order (from TFDS), or None."""
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(spec.submodule_search_locations[0], "datasets",
+                      "imagenet2012", "labels.txt")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    names = tuple(line.strip() for line in f if line.strip())
+  return names if len(names) == 1000 else None
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+  """safetensors: a little-endian u64 header length, then a JSON object."""
+  if len(head) < 9:
+    return False
+  return head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
+
+
+def detect_format(path: PathLike) -> str:
+  """Which of `FORMATS` a checkpoint path is, from its content.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    return "workdir"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  with open(path, "rb") as f:
+    head = f.read(max(16, len(export.MAGIC)))
+  if head.startswith(export.MAGIC):
+    return "exported"
+  if head.startswith(_ZIP_MAGIC):
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except zipfile.BadZipFile:
+      return "npz"  # np.load names the problem.
+    # torch.save writes `<archive>/data.pkl`; np.savez only `*.npy`.
+    return "timm" if any(n.endswith("data.pkl") for n in names) else "npz"
+  if _is_safetensors(head, os.path.getsize(path)):
+    return "timm"
+  if path.lower().endswith(timm.TORCH_SUFFIXES):
+    return "timm"  # A legacy (non-zip) torch pickle.
+  return "official"
+
+
+def _nfnet_spec(params: Mapping[str, Any], timm: bool
+                ) -> registry.ModelSpec | None:
+  """The registry entry of NFNet params (by their variant), if any."""
+  try:
+    variant = checks.infer_variant(params)
+  except ValueError:
+    return None
+  return registry.REGISTRY.get(registry.name_for_nfnet(variant, timm=timm))
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_class_names(workdir: str) -> tuple[str, ...] | None:
+  """A workdir's `class_names.json` (a list, index = label), if present.
+
+  Raises:
+    ValueError: the file is not a JSON list of strings.
+  """
+  path = os.path.join(workdir, CLASS_NAMES_FILE)
+  if not os.path.isfile(path):
+    return None
+  names = _read_json(path)
+  if not isinstance(names, list) or not all(isinstance(n, str)
+                                            for n in names):
+    raise ValueError(f"{path}: expected a JSON list of class names")
+  return tuple(names)
+
+
+def workdir_spec(workdir: str) -> registry.ModelSpec:
+  """The model and eval geometry of an `nfnets-train` workdir's config.json.
+
+  Raises:
+    FileNotFoundError: no config.json (not a workdir).
+    ValueError: a config.json without the model / train / eval fields.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir!r} is a directory without "
+                            "config.json; not an nfnets-train workdir")
+  config = _read_json(path)
+  run = os.path.basename(os.path.normpath(workdir))
+  try:
+    kwargs = dict(config["model"].get("kwargs") or {})
+    for key in families.RUNTIME_SETTINGS:
+      if key in kwargs:
+        # Written before the lowering became a run-time setting: not part of
+        # the model, so the checkpoint loads the same without it.
+        warnings.warn(f"{path}: ignoring model.kwargs.{key}={kwargs.pop(key)!r}"
+                      " (now a run-time setting: $NFNETS_JAX_CONV)",
+                      stacklevel=2)
+    return registry.ModelSpec(
+        name=f"{config['model']['name']} ({run})",
+        family=config["model"]["name"],
+        kwargs=kwargs,
+        data=registry.DataConfig(
+            train_size=int(config["train"]["image_size"]),
+            test_size=int(config["eval"]["image_size"]),
+            crop_padding=int(config["eval"]["crop_padding"])))
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path}: no model/train/eval field {e}; not an "
+                     "nfnets-train config") from None
+
+
+def load_workdir(workdir: str, *, step: int | None = None,
+                 use_ema: bool = True) -> Checkpoint:
+  """The newest (or `step`) checkpoint of an `nfnets-train` workdir.
+
+  Args:
+    workdir: the run's `--workdir`.
+    step: a checkpoint step (None: the newest).
+    use_ema: take the EMA params/state when the run kept them.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint.
+    ValueError: an unknown step.
+  """
+  spec = workdir_spec(workdir)
+  step = workdir_step(workdir, step)
+  saved = checkpoint_io.read_state(os.path.join(workdir, "checkpoints"), step)
+  ema = bool(use_ema and saved.get("ema_params"))
+  prefix = "ema_" if ema else ""
+  return Checkpoint(
+      path=workdir, format="workdir", params=saved[f"{prefix}params"],
+      state=saved.get(f"{prefix}model_state") or {}, spec=spec,
+      label_names=read_class_names(workdir), step=step, ema=ema)
+
+
+def workdir_step(workdir: PathLike, step: int | None = None) -> int:
+  """`step` if the workdir has that checkpoint, the newest if None.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+    ValueError: `step` is not one of its checkpoints.
+  """
+  workdir = os.fspath(workdir)
+  steps = checkpoint_io.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+  if not steps:
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/<step> "
+                            "directory: nothing to load")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"step={step} is not a checkpoint of {workdir!r}; "
+                     f"available: {steps}")
+  return step
+
+
+def load_checkpoint(path: PathLike, *, step: int | None = None,
+                    use_ema: bool = True) -> Checkpoint:
+  """Reads weights in any of `FORMATS` but 'exported' (see module doc).
+
+  Args:
+    path: a checkpoint file or an `nfnets-train` workdir.
+    step, use_ema: for workdirs (see `load_workdir`).
+
+  Raises:
+    FileNotFoundError: a missing path, or a workdir without checkpoints.
+    ValueError: an unreadable file, an exported artifact.
+    UnsafeCheckpointError: a pickle asking for code (nothing ran).
+  """
+  path = os.fspath(path)
+  kind = detect_format(path)
+  if kind == "workdir":
+    return load_workdir(path, step=step, use_ema=use_ema)
+  if kind == "exported":
+    raise ValueError(f"{path} is an exported model (nfnets_jax.export()): it "
+                     "has no params to load; use nfnets_jax.load_exported")
+  if kind == "timm":
+    params, state = timm.from_timm_state_dict(timm.load_timm_file(path))
+  else:
+    params, state = official.load_pretrained(path)
+  return Checkpoint(path=path, format=kind, params=params, state=state,
+                    spec=_nfnet_spec(params, timm=kind == "timm"))
+
+
+def create_model(name: str | None = None, *,
+                 pretrained: PathLike | None | bool = None,
+                 num_classes: int | None = None, seed: int = 0,
+                 **model_kwargs: Any) -> Model:
+  """Builds a named model, with weights from `pretrained` if given.
+
+  Args:
+    name: a registry name (`list_models()`); None: inferred from
+      `pretrained` (an NFNet's variant, a workdir's config).
+    pretrained: a checkpoint in any format of `detect_format` but
+      'exported'. None: random weights from `seed`, with a warning that
+      says so; False: random weights, asked for (no warning).
+    num_classes: classifier outputs. Default: the checkpoint's, else the
+      name's (1000). A different count than the checkpoint's replaces its
+      classifier (N(0, 0.01) weights, zero bias) for fine-tuning.
+    seed: PRNG seed of a random initialization or a new classifier.
+    **model_kwargs: constructor arguments overriding the name's (e.g. a
+      custom `variant=`).
+
+  Returns:
+    The `Model` (callable on normalized NHWC images).
+
+  Raises:
+    ValueError: an unknown name, a checkpoint that names no model and no
+      `name`, or (`ParamsMismatchError`) params that do not fit the model,
+      listing every differing name and shape.
+  """
+  if pretrained is True:
+    raise ValueError("create_model(pretrained=True): nothing is downloaded; "
+                     "pass the path of a checkpoint you have (official "
+                     "F*_haiku.npz, timm .safetensors/.pth, .npz, workdir)")
+  random_weights = pretrained is None or pretrained is False
+  ckpt = None if random_weights else load_checkpoint(pretrained)
+  if name is not None:
+    spec = registry.get_spec(name)
+  elif ckpt is not None and ckpt.spec is not None:
+    spec = ckpt.spec
+  else:
+    where = "" if ckpt is None else f" ({ckpt.path}: params of no known model)"
+    raise ValueError(f"create_model: no model name given and none can be "
+                     f"inferred{where}; pass one of nfnets_jax.list_models()")
+  kwargs = {**spec.kwargs, **model_kwargs}
+  families.check_family(spec.family, kwargs)
+  head = stats.classifier_names(spec.family, kwargs)
+  have = None if ckpt is None else checks.checkpoint_classes(ckpt.params,
+                                                             head)
+  base_classes = have or spec.num_classes
+  classes = base_classes if num_classes is None else int(num_classes)
+  if classes < 1:
+    raise ValueError(f"num_classes={num_classes} must be >= 1")
+  net = families.make_network(spec.family, kwargs, classes)
+  target = f"model {spec.name!r} ({spec.family}, {kwargs}"
+  if ckpt is None:
+    if pretrained is None:
+      warnings.warn(
+          f"create_model({spec.name!r}) without pretrained=: the weights are "
+          f"random (seed={seed}); pass pretrained=PATH for trained weights, "
+          "or pretrained=False to ask for random ones", stacklevel=2)
+    size = stats.TRACE_SIZE
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    params, state = compiler.run_once(lambda x: net.init(
+        jax.random.PRNGKey(seed), x, is_training=True), images)
+    label_names = imagenet_label_names() if classes == 1000 else None
+  else:
+    want, want_state = stats.param_shapes(spec.family, kwargs, base_classes)
+    checks.compare_shapes(
+        ckpt.params, want, source=f"checkpoint {ckpt.path}",
+        target=f"{target}, num_classes={base_classes})")
+    if want_state:
+      checks.compare_shapes(
+          ckpt.state, want_state, source=f"checkpoint {ckpt.path} (state)",
+          target=f"{target}, num_classes={base_classes})")
+    params, state = ckpt.params, ckpt.state
+    label_names = ckpt.label_names
+    if classes != base_classes:
+      params = checks.replace_classifier(params, spec.family, kwargs, classes,
+                                         seed=seed)
+      label_names = None
+    elif label_names is None and classes == 1000:
+      label_names = imagenet_label_names()
+  if label_names is not None and len(label_names) != classes:
+    label_names = None
+  to_device = lambda tree: jax.tree.map(jnp.asarray, tree)
+  return Model(name=spec.name, net=net, params=to_device(params),
+               state=to_device(state), num_classes=classes,
+               data_config=spec.data, family=spec.family,
+               model_kwargs=kwargs, label_names=label_names)

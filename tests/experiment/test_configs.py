@@ -1,0 +1,138 @@
+"""Every config: documented, locked, the papers' recipe, and runs one step.
+
+The recipe checks read the per-variant values from the model modules'
+tables (configs are data); the end-to-end check runs every config's smoke
+form (tiny model, one step) in one subprocess with ImageNet and CIFAR-10
+mocked by `tfds.testing.mock_data`.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nfnets_jax.models import nf_regnet
+from nfnets_jax.models import nfnet
+import train_harness as testing
+
+CONFIGS = testing.config_paths()
+NAMES = [os.path.splitext(os.path.basename(p))[0] for p in CONFIGS]
+NFNETS = [f"F{i}" for i in range(8)]
+# Paper / official release: RandAugment 4 layers; magnitude 5 for F0, 10 for
+# F1-F2, 15 for F3-F7.
+RA_MAGNITUDE = {"F0": 5, "F1": 10, "F2": 10, "F3": 15, "F4": 15, "F5": 15,
+                "F6": 15, "F7": 15}
+
+
+def _load(name, arg=None):
+  return testing.load_config(
+      os.path.join(testing.REPO, "configs", f"{name}.py"), arg)
+
+
+def test_expected_configs_exist():
+  expected = {"default", "nf_resnet50", "nf_regnet_b0", "nfnet_finetune"}
+  expected |= {f"nfnet_{v.lower()}" for v in NFNETS}
+  assert expected <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_documented_and_locked(name):
+  path = os.path.join(testing.REPO, "configs", f"{name}.py")
+  with open(path) as f:
+    doc = f.read().split('"""')[1]
+  assert f"--config configs/{name}.py" in doc
+  assert "Expected result" in doc and "Runtime" in doc
+  config = _load(name)
+  with pytest.raises(AttributeError):
+    config.train.global_batchsize = 8  # Locked: a typo cannot add a field.
+  with pytest.raises(TypeError):
+    config.train.global_batch_size = "big"  # Typed.
+
+
+@pytest.mark.parametrize("variant", NFNETS)
+def test_nfnet_recipe(variant):
+  c = _load(f"nfnet_{variant.lower()}")
+  v = nfnet.NFNET_VARIANTS[variant]
+  assert c.model.name == "NFNet" and c.model.kwargs.variant == variant
+  assert c.dataset.name == "imagenet2012"
+  assert c.train.global_batch_size == 4096 and c.train.num_epochs == 360
+  lr = c.optimizer.lr
+  assert (lr.base_lr, lr.base_batch_size, lr.warmup_epochs, lr.schedule,
+          lr.end_lr_factor) == (0.1, 256, 5.0, "cosine", 0.0)
+  assert c.optimizer.name == "sgd"
+  assert c.optimizer.kwargs.to_dict() == {"momentum": 0.9, "nesterov": True}
+  assert c.optimizer.weight_decay == 2e-5
+  assert (c.optimizer.agc.clipping, c.optimizer.agc.eps) == (0.01, 1e-3)
+  assert c.train.label_smoothing == 0.1 and c.train.loss == "softmax"
+  assert c.train.ema_decay == 0.99999
+  assert c.model.kwargs.stochdepth_rate == 0.25
+  assert "drop_rate" not in c.model.kwargs  # The variant's own dropout.
+  a = c.train.augment
+  assert a.randaugment_layers == 4 == v.randaugment_layers
+  assert a.randaugment_magnitude == RA_MAGNITUDE[variant]
+  assert a.mixup_alpha > 0 and a.cutmix_alpha > 0
+  assert a.random_crop and a.flip
+  assert c.train.compute_dtype == "bfloat16"
+  assert c.train.image_size == v.train_imsize
+  assert c.eval.image_size == v.test_imsize
+  assert c.eval.crop_padding == 32
+
+
+def test_nf_regnet_recipe():
+  c = _load("nf_regnet_b0")
+  v = nf_regnet.NF_REGNET_VARIANTS["B0"]
+  assert c.model.name == "NFRegNet" and c.model.kwargs.variant == "B0"
+  assert c.train.global_batch_size == 1024 and c.train.num_epochs == 360
+  assert c.optimizer.lr.base_lr == 0.4
+  assert c.optimizer.lr.base_batch_size == 1024  # Not scaled by batch.
+  assert math.isclose(c.optimizer.lr.end_lr_factor * 0.4, 0.001)
+  assert c.optimizer.weight_decay == 5e-5 and not c.optimizer.agc.clipping
+  assert c.model.kwargs.activation == "silu"
+  assert (c.train.image_size, c.eval.image_size) == (v.train_imsize,
+                                                    v.test_imsize)
+
+
+def test_nf_resnet_and_finetune_recipes():
+  c = _load("nf_resnet50")
+  assert c.model.name == "NFResNet" and c.model.kwargs.depth == 50
+  c = _load("nfnet_finetune")
+  assert c.pretrained.path and c.pretrained.reinit_head
+  assert c.dataset.name != "imagenet2012"
+
+
+def test_default_is_embedded_digits():
+  c = _load("default")
+  assert c.dataset.name == "digits" and c.model.name == "NFNet"
+  assert c.optimizer.agc.clipping > 0
+  doc = open(testing.DEFAULT_CONFIG).read().split('"""')[1]
+  for field in ("seed", "model.name", "dataset.name", "train.global_batch_size",
+                "eval.every_steps", "checkpoint.max_to_keep", "optimizer",
+                "distributed.initialize", "pretrained.path"):
+    assert field in doc, field
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_form_is_tiny(name):
+  c = _load(name, "smoke")
+  assert c.train.num_steps == 1 and c.train.global_batch_size == 8
+  assert c.train.image_size <= 32 and c.eval.image_size <= 32
+
+
+def test_every_config_runs_one_step(tmp_path_factory):
+  """All configs' smoke forms, end to end, in one process."""
+  cache_dir, _ = testing.session_dirs(str(tmp_path_factory.getbasetemp()))
+  root = str(tmp_path_factory.mktemp("smoke"))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(testing.REPO, "tests", "train_harness.py"),
+       "smoke", root, *CONFIGS], cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("SMOKE_")][0]
+  results = json.loads(line.split(" ", 1)[1])
+  assert sorted(results) == sorted(NAMES)
+  for name, metrics in results.items():
+    for key in ("top1", "top5", "loss", "ema_top1"):
+      assert math.isfinite(metrics[key]), (name, key)
+    assert testing.checkpoint_steps(os.path.join(root, name)) == [1], name
