@@ -56,7 +56,7 @@ def make_train_step(net: hk.TransformedWithState,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), state, opt_state
 
-  return jax.jit(step, donate_argnums=(0, 1, 2))
+  return nj.cpu.jit(step, donate_argnums=(0, 1, 2))
 
 
 def timed(fn: Callable, *args) -> tuple[float, object]:

@@ -2,12 +2,14 @@
 
 For each distinct 3x3 / 1x1 convolution of F0 at 192 px it times, in ms
 (median of `--repeats`), the forward and the gradient of `sum(out**2)` with
-respect to input and kernel, for `layers.grouped_conv` with impl='onednn',
-'split' and 'native', and for `torch.nn.functional.conv2d` (same threads).
-Run it twice to see what the package's XLA:CPU flags do:
+respect to input and kernel, for the models' convolution
+(`nfnets_jax.cpu.lowering.conv2d`) under each lowering, 'onednn', 'split' and
+'native' (`nfnets_jax.conv_impl`), compiled with the package's CPU compiler
+options, and for `torch.nn.functional.conv2d` (same threads). Run it twice
+to see what the options do:
 
-  python benchmarks/conv_layers.py                           # package flags
-  NFNETS_JAX_XLA_FLAGS=0 python benchmarks/conv_layers.py    # XLA defaults
+  python benchmarks/conv_layers.py                             # with them
+  NFNETS_JAX_CPU_OPTIONS=0 python benchmarks/conv_layers.py    # XLA defaults
   python benchmarks/conv_layers.py --batch 32 --impls onednn split  # no native
 
 Prints the 1-minute load before and after: figures taken with a load above
@@ -21,9 +23,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-from nfnets_jax.models import layers  # First: sets the package's XLA:CPU flags.
 import jax
 import jax.numpy as jnp
+
+import nfnets_jax as nj
+from nfnets_jax.cpu import lowering
 
 # name, kernel, in, out, groups, input side, stride (F0 at 192 px).
 F0_CONVS = [
@@ -56,13 +60,15 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def time_ours(impl: str, k: int, cin: int, cout: int, groups: int, hw: int,
               stride: int, batch: int, repeats: int) -> tuple[float, float]:
-  """(forward ms, forward+backward ms) of `layers.grouped_conv`."""
+  """(forward ms, forward+backward ms) of the models' convolution."""
   x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
   w = 0.05 * jax.random.normal(jax.random.key(1), (k, k, cin // groups, cout))
-  conv = lambda x, w: layers.grouped_conv(
-      x, w, stride=(stride, stride), padding="SAME", groups=groups, impl=impl)
-  fwd = jax.jit(conv)
-  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), (0, 1)))
+  conv = lambda x, w: lowering.conv2d(
+      x, w, stride=(stride, stride), padding="SAME", groups=groups)
+  with nj.conv_impl(impl):  # Read when the programs are traced.
+    fwd = nj.cpu.jit(conv).lower(x, w).compile()
+    grad = nj.cpu.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2),
+                               (0, 1))).lower(x, w).compile()
   return (median_ms(lambda: fwd(x, w).block_until_ready(), repeats),
           median_ms(lambda: jax.block_until_ready(grad(x, w)), repeats))
 

@@ -4,7 +4,9 @@ For each batch size, each contender in its own process, interleaved (so every
 contender sees the same machine), it times:
   - inference: the jitted forward in eval mode, images/s;
   - a train step: forward, backward and an SGD-Nesterov update, images/s;
-for ours (one row per `--conv-impl`) and timm (one row per memory format).
+for ours (one row per `--conv-impl`, the lowering set with
+`nfnets_jax.conv_impl`; programs compiled with the package's CPU compiler
+options) and timm (one row per memory format).
 
 It cannot be fooled by load. It prints the 1-minute load average before and
 after the run (after a cool-down), the CPU time the hypervisor stole, and
@@ -14,11 +16,11 @@ INVALID when the load before the run exceeded `--max-load-per-core` per core
 used, when a row's repetitions spread (max - min) / median more than
 `--max-spread`, or when more than `--max-steal` of the CPU time was stolen.
 
-It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process imports
-nfnets_jax, so timm runs under the same glibc malloc settings as ours
-(`nfnets_jax/host_malloc.py`, which also makes our CPU dispatch synchronous;
-NFNETS_JAX_MALLOC=0 gives both glibc's defaults and ours JAX's asynchronous
-dispatch; see README "Performance"). CPU: float32 for both, every core
+It sets NFNETS_JAX_MALLOC=1 unless told otherwise, and every process calls
+`nfnets_jax.cpu.malloc.tune()` first, as `nfnets-train` does, so timm runs
+under the same glibc malloc settings as ours (which also makes our CPU
+dispatch synchronous; NFNETS_JAX_MALLOC=0 gives both glibc's defaults and
+ours JAX's asynchronous dispatch; see docs/performance.md). CPU: float32 for both, every core
 (torch's thread count = cores). GPU: ours in bfloat16 activations with
 float32 params, timm under bf16 autocast; peak device memory per row.
 `benchmarks/gpu_run.sh` is the whole GPU run.
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import multiprocessing
 import os
@@ -44,11 +45,15 @@ from collections.abc import Callable, Sequence
 
 # Several processes share one GPU: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# Keep freed buffers, dispatch synchronously (nfnets_jax/host_malloc.py).
+# Keep freed buffers, dispatch synchronously (nfnets_jax/cpu/malloc.py).
 os.environ.setdefault("NFNETS_JAX_MALLOC", "1")
 
-import nfnets_jax as nj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets_jax.cpu import malloc as host_malloc
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets_jax.cpu import malloc
+
+MALLOC_SETTINGS = malloc.tune()  # Before JAX starts, in every process.
+
+import nfnets_jax as nj
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -209,15 +214,13 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
   """Our NFNet: jitted eval forward and jitted, donating train step."""
   dtype = jnp.dtype(dtype)
   model = hk.transform_with_state(lambda x, training: nj.NFNet(
-      NUM_CLASSES, variant, conv_impl=conv_impl, stochdepth_rate=0.1)(
-          x, is_training=training))
+      NUM_CLASSES, variant, stochdepth_rate=0.1)(x, is_training=training))
   rng = jax.random.key(0)
   images = jax.random.normal(rng, (batch, size, size, 3), dtype)
   labels = jax.nn.one_hot(jnp.arange(batch) % NUM_CLASSES, NUM_CLASSES)
   params, state = model.init(rng, images, True)
   opt = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
-  @jax.jit
   def infer(params, state, images):
     return model.apply(params, state, None, images, False)[0]["logits"]
 
@@ -227,7 +230,6 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
                                        labels).mean()
     return loss, state
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def train_step(params, state, opt_state, rng, images, labels):
     grads, state = jax.grad(loss_fn, has_aux=True)(params, state, rng, images,
                                                    labels)
@@ -235,7 +237,10 @@ def make_ours(variant: str, batch: int, size: int, conv_impl: str,
     return optax.apply_updates(params, updates), state, opt_state
 
   carry = [params, state, opt.init(params)]
-  train_step = train_step.lower(*carry, rng, images, labels).compile()
+  with nj.conv_impl(conv_impl):  # Read when the programs are traced.
+    infer = nj.cpu.jit(infer).lower(params, state, images).compile()
+    train_step = nj.cpu.jit(train_step, donate_argnums=(0, 1, 2)).lower(
+        *carry, rng, images, labels).compile()
 
   def run_infer():
     jax.block_until_ready(infer(carry[0], carry[1], images))
@@ -415,7 +420,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="timed, interleaved repetitions per measurement")
   parser.add_argument("--conv-impl", nargs="+",
                       default=["split", "native"] if gpu else ["auto"],
-                      choices=nj.layers.CONV_IMPLS)
+                      choices=nj.cpu.CONV_IMPLS)
   parser.add_argument("--timm-formats", nargs="+",
                       default=["nchw", "channels_last"] if gpu else ["nchw"],
                       choices=["nchw", "channels_last"])
@@ -453,9 +458,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   device = jax.devices()[0].device_kind
   header = [f"backend={backend} device={device} cores={cores} "
             f"variant={args.variant} size={args.size} dtype={dtype.name} "
-            f"jax={jax.__version__} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}",
-            "host_malloc.tune() (every process): " + (" ".join(
-                f"{k}={v}" for k, v in host_malloc.tune().items())
+            f"jax={jax.__version__} XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}"
+            f" compiler options={nj.cpu.compiler_options()}",
+            "cpu.malloc.tune() (every process): " + (" ".join(
+                f"{k}={v}" for k, v in MALLOC_SETTINGS.items())
                 or "off: glibc's defaults, asynchronous dispatch"),
             f"load before: {load_before:.2f} (1-min average, "
             f"{load_before / cores:.2f} per core)"]

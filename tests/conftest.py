@@ -1,7 +1,15 @@
-"""Session fixtures shared by the end-to-end test files."""
+"""Session fixtures shared by the test files; `experiments/` importable."""
+import sys
+
 import pytest
 
+import checkpoint_files
 import train_harness
+
+# The papers' scripts (`experiments/`) live at the repository root, outside
+# the installed package.
+if train_harness.REPO not in sys.path:
+  sys.path.insert(0, train_harness.REPO)
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +22,9 @@ def cache_dir(tmp_path_factory):
 def reference_run(tmp_path_factory):
   """The uninterrupted 1-device tiny run other runs are compared with."""
   return train_harness.reference_run(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="session")
+def perturbed_timm_f0():
+  """A perturbed random timm dm_nfnet_f0, its params and both forwards."""
+  return checkpoint_files.perturbed_timm_f0()

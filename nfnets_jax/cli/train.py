@@ -16,6 +16,7 @@ interrupted (a checkpoint was saved).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import sys
 
 from absl import app
@@ -42,10 +43,11 @@ PROG = train_flags.PROG
 EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
-def _main(argv: list[str]) -> int:
-  del argv  # Checked by _run: the program name only.
+def _train() -> int:
+  """Runs the experiment of the parsed flags; returns the exit status."""
   # Imported here: --help and flag errors answer without TFDS, orbax, grain.
   # pylint: disable=g-import-not-at-top
+  from nfnets_jax.experiment import checkpoint_io
   from nfnets_jax.experiment import config_validation
   from nfnets_jax.experiment import loop
   # pylint: enable=g-import-not-at-top
@@ -59,40 +61,58 @@ def _main(argv: list[str]) -> int:
     errors.report(PROG, err, verbose=errors.verbose_requested())
     return EXIT_BAD_CONFIG
   except loop.NonFiniteLossError as err:
-    print(f"nfnets-train: {err}", file=sys.stderr)
+    print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_NON_FINITE
   except loop.BadImageError as err:  # Bad input; a checkpoint was saved.
-    print(f"nfnets-train: {err}", file=sys.stderr)
+    print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_BAD_CONFIG
-  except (loop.checkpointing.NoIntactCheckpointError,
-          loop.checkpointing.CheckpointMismatchError) as err:
-    print(f"nfnets-train: {err}", file=sys.stderr)
+  except (checkpoint_io.NoIntactCheckpointError,
+          checkpoint_io.CheckpointMismatchError) as err:
+    print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   except loop.Interrupted as err:
-    print(f"nfnets-train: {err}", file=sys.stderr)
+    print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_INTERRUPTED
   return 0
 
 
-def _run(argv: list[str]) -> int:
-  """`--help`, or the checked flags and then `_main` under absl."""
+def run(argv: Sequence[str],
+        launch: Callable[[Callable[[], int]], int] = lambda train: train()
+        ) -> int:
+  """The command on `argv` (program name first); returns the exit status.
+
+  Each call parses its flags afresh, so tests run it in-process. Bad input
+  raises `errors.UsageError` (or a library error that `errors.guard`
+  reports); a bad config is reported here (exit status 2).
+
+  Args:
+    argv: the command line.
+    launch: calls the training function; `main` runs it under absl's
+      `app.run` (logging handler, faulthandler).
+  """
+  argv = list(argv)
   if train_flags.wants_help(argv[1:]):
     print(train_flags.help_text(argv[1:]))
     return 0
   app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
+  flags.FLAGS.unparse_flags()
   remaining = train_flags.parse_flags(argv)
   if len(remaining) > 1:
     raise errors.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "
-                         "takes only flags (see --help)")
-  # absl's set-up (logging handler, faulthandler), then sys.exit(_main()).
-  app.run(_main, argv=argv, flags_parser=lambda _: remaining)
-  return 0
+                            "takes only flags (see --help)")
+  return launch(_train)
+
+
+def _under_absl(train: Callable[[], int]) -> int:
+  """absl's set-up (logging handler, faulthandler), then `train()`."""
+  app.run(lambda _: train(), argv=sys.argv[:1], flags_parser=lambda a: a)
+  return 0  # Not reached: app.run exits with train()'s status.
 
 
 def main() -> None:
   """Console entry point `nfnets-train`."""
   malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
-  sys.exit(errors.guard(PROG, lambda: _run(sys.argv)))
+  sys.exit(errors.guard(PROG, lambda: run(sys.argv, _under_absl)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from nfnets_jax.pretrained import timm as timm_weights  # noqa: E402
 from nfnets_jax.experiment import checkpoint_io as checkpointing  # noqa: E402
 import train_harness as testing  # noqa: E402
 from nfnets_jax.experiment import train_state  # noqa: E402
-import test_pretrained  # noqa: E402  (the official-pickle writer)
+import checkpoint_files
 
 
 TINY = {"width": [16, 32], "depth": [1, 1], "train_imsize": 16,
@@ -139,11 +139,11 @@ def checkpoints(tmp_path_factory):
   for classes in (10, 1000):
     params = tiny_params(classes)
     official = root / f"tiny{classes}_haiku.npz"
-    official.write_bytes(test_pretrained.old_haiku_pickle(params))
+    official.write_bytes(checkpoint_files.old_haiku_pickle(params))
     npz = pretrained.save_npz(params, root / f"tiny{classes}.npz")
     sd = to_timm_state_dict(params, TINY["depth"])
     # The written timm layout converts back to exactly these params.
-    test_pretrained.assert_params_equal(
+    checkpoint_files.assert_params_equal(
         params, timm_weights.from_timm_state_dict(sd)[0])
     files[classes] = {"params": params, "official": str(official),
                       "npz": npz}

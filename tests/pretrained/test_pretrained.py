@@ -20,6 +20,7 @@ from nfnets_jax.models import nfnet
 from nfnets_jax.pretrained import official as pretrained
 from nfnets_jax.pretrained import checks
 from nfnets_jax.pretrained import timm as timm_weights
+import checkpoint_files
 
 # A tiny NFNet so that tests can init and run it in ~1 s.
 TINY = nfnet.NFNetVariant(width=(32, 64), depth=(1, 2), train_imsize=32,
@@ -42,142 +43,21 @@ def fake_params(variant, num_classes=1000):
           for m, leaves in shapes.items()}
 
 
-def assert_params_equal(a, b):
-  assert sorted(a) == sorted(b)
-  for m in a:
-    assert sorted(a[m]) == sorted(b[m]), m
-    for n in a[m]:
-      assert type(b[m][n]) is np.ndarray
-      assert a[m][n].dtype == b[m][n].dtype
-      np.testing.assert_array_equal(a[m][n], b[m][n], err_msg=f"{m}/{n}")
-
-
-# ---------------------------------------------------------------------------
-# Writing pickles exactly as old Haiku + dill did.
-# ---------------------------------------------------------------------------
-
-
-def _global_as(module, name):
-  """Marks a local object to be pickled as the global `module.name`."""
-  def mark(obj):
-    obj.pickle_as = (module, name)
-    return obj
-  return mark
-
-
-# (Classes, since the pure-Python pickler saves functions without calling an
-# overridden `save_global`.)
-@_global_as("numpy.core.multiarray", "_reconstruct")
-class _OldReconstruct:
-  """NumPy < 2 module path of ndarray's reconstructor."""
-
-
-@_global_as("dill._dill", "_create_array")
-class _DillCreateArray:
-  """What dill (>= 0.3) writes for every ndarray."""
-
-
-@_global_as("haiku._src.data_structures", "frozendict")
-class OldFrozenDict:
-  """Haiku 0.0.3's params mapping: `__reduce__ = (frozendict, (storage,))`."""
-
-  def __init__(self, storage):
-    self._storage = dict(storage)
-
-  def __reduce__(self):
-    return (OldFrozenDict, (self._storage,))
-
-
-@_global_as("haiku._src.data_structures", "FlatMapping")
-class OldFlatMapping:
-  """Later Haiku's mapping: `__reduce__ = (FlatMapping, (dict,))`."""
-
-  def __init__(self, mapping):
-    self._mapping = dict(mapping)
-
-  def __reduce__(self):
-    return (OldFlatMapping, (self._mapping,))
-
-
-class OldHaikuPickler(pickle._Pickler):  # pylint: disable=protected-access
-  """Writes stand-ins under their old global names, arrays as NumPy 1 did."""
-
-  # Our own table: importing dill patches the shared one's `type` entry.
-  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
-  dispatch[type] = lambda self, obj: self.save_global(obj)
-
-  def __init__(self, file, protocol, dill_arrays):
-    super().__init__(file, protocol=protocol)
-    self.dill_arrays = dill_arrays
-
-  def save_global(self, obj, name=None):
-    target = getattr(obj, "pickle_as", None)
-    if target is None:
-      return super().save_global(obj, name)
-    module, qualname = target
-    if self.proto >= 4:
-      self.save(module)
-      self.save(qualname)
-      self.write(pickle.STACK_GLOBAL)
-    else:
-      self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
-    self.memoize(obj)
-
-  def reducer_override(self, obj):
-    if type(obj) is not np.ndarray:  # pylint: disable=unidiomatic-typecheck
-      return NotImplemented
-    _, args, state = obj.__reduce__()
-    if self.dill_arrays:
-      return (_DillCreateArray, (_OldReconstruct, args, state, None))
-    return (_OldReconstruct, args, state)
-
-
-def old_haiku_pickle(params, mapping_cls=OldFrozenDict, protocol=4,
-                     dill_arrays=True):
-  wrapped = mapping_cls({m: mapping_cls(leaves)
-                         for m, leaves in params.items()})
-  buf = io.BytesIO()
-  OldHaikuPickler(buf, protocol, dill_arrays).dump(wrapped)
-  return buf.getvalue()
-
-
-def pickle_globals(data):
-  """The `module.name` globals a pickle references."""
-  out, strings, memo, last = set(), [], {}, None
-  for op, arg, _ in pickletools.genops(data):
-    if op.name == "GLOBAL":
-      out.add(arg.replace(" ", "."))
-    elif op.name == "STACK_GLOBAL":
-      out.add(".".join(strings[-2:]))
-    elif op.name == "MEMOIZE":
-      memo[len(memo)] = last
-      continue
-    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-      memo[arg] = last
-      continue
-    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-      strings.append(memo.get(arg))
-    elif "UNICODE" in op.name:
-      strings.append(arg)
-    last = strings[-1] if strings and "UNICODE" in op.name else None
-  return out
-
-
 # ---------------------------------------------------------------------------
 # Official checkpoint files.
 # ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
-@pytest.mark.parametrize("mapping_cls", [OldFrozenDict, OldFlatMapping])
+@pytest.mark.parametrize("mapping_cls", [checkpoint_files.OldFrozenDict, checkpoint_files.OldFlatMapping])
 @pytest.mark.parametrize("dill_arrays", [True, False])
 def test_loads_official_layout_pickle(tmp_path, protocol, mapping_cls,
                                       dill_arrays):
   params = random_params(TINY)
   params["NFNet/~/nf_block"]["skip_gain"] = np.array(0.37, np.float32)
-  data = old_haiku_pickle(params, mapping_cls, protocol, dill_arrays)
+  data = checkpoint_files.old_haiku_pickle(params, mapping_cls, protocol, dill_arrays)
   # The file really is written as the old stack wrote it.
-  names = pickle_globals(data)
+  names = checkpoint_files.pickle_globals(data)
   assert f"haiku._src.data_structures.{mapping_cls.pickle_as[1]}" in names
   assert "numpy.core.multiarray._reconstruct" in names
   assert ("dill._dill._create_array" in names) == dill_arrays
@@ -188,7 +68,7 @@ def test_loads_official_layout_pickle(tmp_path, protocol, mapping_cls,
 
   assert state == {}
   assert type(loaded) is dict and all(type(v) is dict for v in loaded.values())
-  assert_params_equal(params, loaded)
+  checkpoint_files.assert_params_equal(params, loaded)
 
 
 def test_loads_haiku_flatmap_pickled_by_dill(tmp_path):
@@ -198,10 +78,10 @@ def test_loads_haiku_flatmap_pickled_by_dill(tmp_path):
   params = random_params(TINY)
   data = dill.dumps(data_structures.FlatMap(
       {m: data_structures.FlatMap(v) for m, v in params.items()}))
-  assert "haiku._src.data_structures.FlatMapping" in pickle_globals(data)
+  assert "haiku._src.data_structures.FlatMapping" in checkpoint_files.pickle_globals(data)
   path = tmp_path / "F0_haiku.npz"
   path.write_bytes(data)
-  assert_params_equal(params, pretrained.load_pretrained(path)[0])
+  checkpoint_files.assert_params_equal(params, pretrained.load_pretrained(path)[0])
 
 
 class _Exploit:
@@ -240,7 +120,7 @@ def test_refuses_malicious_object_inside_official_layout(tmp_path):
   params = random_params(TINY)
   params["NFNet/~/linear"]["b"] = _Exploit(os.system, f"touch {marker}")
   path = tmp_path / "F0_haiku.npz"
-  path.write_bytes(old_haiku_pickle(params))
+  path.write_bytes(checkpoint_files.old_haiku_pickle(params))
   with pytest.raises(pretrained.UnsafeCheckpointError, match="system"):
     pretrained.load_pretrained(path)
   assert not marker.exists()
@@ -279,7 +159,7 @@ def test_npz_roundtrip_of_flat_names(tmp_path):
     assert "NFNet/~/nf_block/~/squeeze_excite/~/linear_1/w" in npz.files
   loaded, state = pretrained.load_pretrained(out, variant=TINY)
   assert state == {}
-  assert_params_equal(params, loaded)
+  checkpoint_files.assert_params_equal(params, loaded)
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):
@@ -293,16 +173,16 @@ def test_npy_object_array_of_the_tree(tmp_path):
   params = random_params(TINY)
   path = tmp_path / "params.npy"
   np.save(path, params, allow_pickle=True)
-  assert_params_equal(params, pretrained.load_pretrained(path)[0])
+  checkpoint_files.assert_params_equal(params, pretrained.load_pretrained(path)[0])
 
 
 def test_convert_cli(tmp_path, capsys):
   params = random_params(TINY)
   src = tmp_path / "F0_haiku.npz"
-  src.write_bytes(old_haiku_pickle(params))
+  src.write_bytes(checkpoint_files.old_haiku_pickle(params))
   assert convert_checkpoint.main(["convert", str(src), str(tmp_path / "out")]) == 0
   assert "wrote" in capsys.readouterr().out
-  assert_params_equal(params,
+  checkpoint_files.assert_params_equal(params,
                       pretrained.load_pretrained(tmp_path / "out.npz")[0])
   assert convert_checkpoint.main(["info", str(tmp_path / "out.npz")]) == 0
   assert "classes=10" in capsys.readouterr().out
@@ -464,51 +344,9 @@ def test_timm_conversion_errors():
     timm_weights.from_timm_state_dict(sd)
 
 
-@pytest.fixture(scope="module")
-def timm_f0():
-  """A perturbed random dm_nfnet_f0, its converted params, and a forward."""
-  return perturbed_timm_f0()
-
-
-def perturbed_timm_f0():
-  """`timm_f0` as a plain function (other test modules use it)."""
-  torch = pytest.importorskip("torch")
-  timm = pytest.importorskip("timm")
-  torch.manual_seed(0)
-  model = timm.create_model("dm_nfnet_f0", pretrained=False).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("skipinit_gain"):  # 0 at init: make branches count
-        p.uniform_(0.3, 1.0)
-      elif name.endswith(".gain"):
-        p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
-      elif name.endswith(".bias"):
-        p.normal_(0.0, 0.1)
-      elif name == "head.fc.weight":
-        p.normal_(0.0, 0.05)
-      else:
-        p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
-  params, state = timm_weights.from_timm_state_dict(model.state_dict(), "F0")
-  assert state == {}
-
-  timm_logits = {}
-
-  def run_timm(size):
-    """Input `[2, size, size, 3]` (NHWC) and timm's logits, cached."""
-    x = np.random.default_rng(size).standard_normal(
-        (2, size, size, 3)).astype(np.float32)
-    if size not in timm_logits:
-      with torch.no_grad():
-        timm_logits[size] = model(torch.from_numpy(
-            x.transpose(0, 3, 1, 2))).numpy()
-    return x, timm_logits[size]
-
-  def run_ours(x_nhwc, **kwargs):
-    fwd = hk.transform(lambda x: nfnet.NFNet(1000, "F0", **kwargs)(
-        x, is_training=False))
-    return np.asarray(jax.jit(fwd.apply)(params, None, x_nhwc)["logits"])
-
-  return model, params, run_timm, run_ours
+@pytest.fixture
+def timm_f0(perturbed_timm_f0):
+  return perturbed_timm_f0
 
 
 @pytest.mark.parametrize("size", [64, 66])  # even and odd feature maps
@@ -539,7 +377,7 @@ def test_timm_numpy_state_dict_and_converter_copies(timm_f0):
   model, params, _, _ = timm_f0
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
   converted, _ = timm_weights.from_timm_state_dict(sd)
-  assert_params_equal(params, converted)
+  checkpoint_files.assert_params_equal(params, converted)
   w = sd["stem.conv1.weight"]
   np.testing.assert_array_equal(converted["NFNet/~/stem_conv0"]["w"],
                                 w.transpose(2, 3, 1, 0))
@@ -554,7 +392,7 @@ def test_convert_timm_cli(timm_f0, tmp_path):
   torch.save(model.state_dict(), src)
   assert convert_checkpoint.main(["convert-timm", str(src), str(tmp_path / "f0.npz")
                           ]) == 0
-  assert_params_equal(params, pretrained.load_pretrained(
+  checkpoint_files.assert_params_equal(params, pretrained.load_pretrained(
       tmp_path / "f0.npz", variant="F0")[0])
 
 

@@ -28,7 +28,7 @@ from nfnets_jax.pretrained import create as builder
 from nfnets_jax.pretrained import official as pretrained
 from nfnets_jax.pretrained import registry
 from nfnets_jax.pretrained import timm as timm_weights
-import test_pretrained  # The official-pickle writer.
+import checkpoint_files
 import train_harness as testing
 
 TINY = {"width": [16, 32], "depth": [1, 1], "train_imsize": 16,
@@ -212,7 +212,7 @@ def test_no_name_and_unknown_params_is_refused(tmp_path):
 def test_detect_format(tmp_path):
   path, params = tiny_npz(tmp_path)
   pickled = tmp_path / "F0_haiku.npz"
-  pickled.write_bytes(test_pretrained.old_haiku_pickle(
+  pickled.write_bytes(checkpoint_files.old_haiku_pickle(
       jax.device_get(params)))
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({"stem.conv1.weight": np.zeros((2, 3, 3, 3), np.float32)},
@@ -231,17 +231,14 @@ def test_detect_format(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def timm_f0(tmp_path_factory):
+def timm_f0(perturbed_timm_f0, tmp_path_factory):
   """A perturbed random timm dm_nfnet_f0, its safetensors file and input."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("timm")
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-  model, _, run_timm, _ = test_pretrained.perturbed_timm_f0()
+  model, _, run_timm, _ = perturbed_timm_f0
   path = tmp_path_factory.mktemp("timm") / "dm_nfnet_f0.safetensors"
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             str(path))
   x, want = run_timm(64)
-  del torch
   return model, path, x, want
 
 
@@ -265,7 +262,7 @@ def test_torch_pth_and_safetensors_load_the_same_params(timm_f0, tmp_path):
   assert builder.detect_format(pth) == "timm"
   a, b = builder.load_checkpoint(pth), builder.load_checkpoint(path)
   assert a.spec.name == b.spec.name == "dm_nfnet_f0"
-  test_pretrained.assert_params_equal(a.params, b.params)
+  checkpoint_files.assert_params_equal(a.params, b.params)
 
 
 def test_nfnet_f0_from_an_official_pickle_gives_the_official_logits(
@@ -273,7 +270,7 @@ def test_nfnet_f0_from_an_official_pickle_gives_the_official_logits(
   torch_model, _, x, timm_logits = timm_f0
   params, _ = timm_weights.from_timm_state_dict(torch_model.state_dict())
   path = tmp_path / "F0_haiku.npz"
-  path.write_bytes(test_pretrained.old_haiku_pickle(params))
+  path.write_bytes(checkpoint_files.old_haiku_pickle(params))
   model = nj.create_model(pretrained=path)  # Inferred: nfnet_f0.
   assert model.name == "nfnet_f0" and model.num_classes == 1000
   assert model.data_config.test_size == 256
@@ -386,7 +383,7 @@ def test_initial_state_reads_any_format_and_replaces_the_head(tmp_path):
                        is_training=True)
   params = jax.device_get(params)
   path = tmp_path / "F0_haiku.npz"  # Official layout: a dill-style pickle.
-  path.write_bytes(test_pretrained.old_haiku_pickle(params))
+  path.write_bytes(checkpoint_files.old_haiku_pickle(params))
   config.pretrained.path = str(path)
   config.lock()
   plan = config_validation.validate(config)

@@ -1,0 +1,180 @@
+"""Checkpoint files for tests, written as their makers wrote them.
+
+- `old_haiku_pickle`: params pickled as Haiku 0.0.3 + dill wrote DeepMind's
+  official `F*_haiku.npz` files (without importing either).
+- `perturbed_timm_f0`: a randomly initialized, perturbed timm `dm_nfnet_f0`,
+  its converted params, and both forwards.
+"""
+import io
+import pickle
+import pickletools
+
+import haiku as hk
+import jax
+import numpy as np
+import pytest
+
+from nfnets_jax.models import nfnet
+from nfnets_jax.pretrained import timm as timm_weights
+
+
+def assert_params_equal(a, b):
+  assert sorted(a) == sorted(b)
+  for m in a:
+    assert sorted(a[m]) == sorted(b[m]), m
+    for n in a[m]:
+      assert type(b[m][n]) is np.ndarray
+      assert a[m][n].dtype == b[m][n].dtype
+      np.testing.assert_array_equal(a[m][n], b[m][n], err_msg=f"{m}/{n}")
+
+
+# ---------------------------------------------------------------------------
+# Writing pickles exactly as old Haiku + dill did.
+# ---------------------------------------------------------------------------
+
+
+def _global_as(module, name):
+  """Marks a local object to be pickled as the global `module.name`."""
+  def mark(obj):
+    obj.pickle_as = (module, name)
+    return obj
+  return mark
+
+
+# (Classes, since the pure-Python pickler saves functions without calling an
+# overridden `save_global`.)
+@_global_as("numpy.core.multiarray", "_reconstruct")
+class _OldReconstruct:
+  """NumPy < 2 module path of ndarray's reconstructor."""
+
+
+@_global_as("dill._dill", "_create_array")
+class _DillCreateArray:
+  """What dill (>= 0.3) writes for every ndarray."""
+
+
+@_global_as("haiku._src.data_structures", "frozendict")
+class OldFrozenDict:
+  """Haiku 0.0.3's params mapping: `__reduce__ = (frozendict, (storage,))`."""
+
+  def __init__(self, storage):
+    self._storage = dict(storage)
+
+  def __reduce__(self):
+    return (OldFrozenDict, (self._storage,))
+
+
+@_global_as("haiku._src.data_structures", "FlatMapping")
+class OldFlatMapping:
+  """Later Haiku's mapping: `__reduce__ = (FlatMapping, (dict,))`."""
+
+  def __init__(self, mapping):
+    self._mapping = dict(mapping)
+
+  def __reduce__(self):
+    return (OldFlatMapping, (self._mapping,))
+
+
+class OldHaikuPickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Writes stand-ins under their old global names, arrays as NumPy 1 did."""
+
+  # Our own table: importing dill patches the shared one's `type` entry.
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+  dispatch[type] = lambda self, obj: self.save_global(obj)
+
+  def __init__(self, file, protocol, dill_arrays):
+    super().__init__(file, protocol=protocol)
+    self.dill_arrays = dill_arrays
+
+  def save_global(self, obj, name=None):
+    target = getattr(obj, "pickle_as", None)
+    if target is None:
+      return super().save_global(obj, name)
+    module, qualname = target
+    if self.proto >= 4:
+      self.save(module)
+      self.save(qualname)
+      self.write(pickle.STACK_GLOBAL)
+    else:
+      self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
+    self.memoize(obj)
+
+  def reducer_override(self, obj):
+    if type(obj) is not np.ndarray:  # pylint: disable=unidiomatic-typecheck
+      return NotImplemented
+    _, args, state = obj.__reduce__()
+    if self.dill_arrays:
+      return (_DillCreateArray, (_OldReconstruct, args, state, None))
+    return (_OldReconstruct, args, state)
+
+
+def old_haiku_pickle(params, mapping_cls=OldFrozenDict, protocol=4,
+                     dill_arrays=True):
+  wrapped = mapping_cls({m: mapping_cls(leaves)
+                         for m, leaves in params.items()})
+  buf = io.BytesIO()
+  OldHaikuPickler(buf, protocol, dill_arrays).dump(wrapped)
+  return buf.getvalue()
+
+
+def pickle_globals(data):
+  """The `module.name` globals a pickle references."""
+  out, strings, memo, last = set(), [], {}, None
+  for op, arg, _ in pickletools.genops(data):
+    if op.name == "GLOBAL":
+      out.add(arg.replace(" ", "."))
+    elif op.name == "STACK_GLOBAL":
+      out.add(".".join(strings[-2:]))
+    elif op.name == "MEMOIZE":
+      memo[len(memo)] = last
+      continue
+    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+      memo[arg] = last
+      continue
+    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+      strings.append(memo.get(arg))
+    elif "UNICODE" in op.name:
+      strings.append(arg)
+    last = strings[-1] if strings and "UNICODE" in op.name else None
+  return out
+
+
+def perturbed_timm_f0():
+  """A perturbed random dm_nfnet_f0, its converted params, and forwards."""
+  torch = pytest.importorskip("torch")
+  timm = pytest.importorskip("timm")
+  torch.manual_seed(0)
+  model = timm.create_model("dm_nfnet_f0", pretrained=False).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("skipinit_gain"):  # 0 at init: make branches count
+        p.uniform_(0.3, 1.0)
+      elif name.endswith(".gain"):
+        p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+      elif name.endswith(".bias"):
+        p.normal_(0.0, 0.1)
+      elif name == "head.fc.weight":
+        p.normal_(0.0, 0.05)
+      else:
+        p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
+  params, state = timm_weights.from_timm_state_dict(model.state_dict(), "F0")
+  assert state == {}
+
+  timm_logits = {}
+
+  def run_timm(size):
+    """Input `[2, size, size, 3]` (NHWC) and timm's logits, cached."""
+    x = np.random.default_rng(size).standard_normal(
+        (2, size, size, 3)).astype(np.float32)
+    if size not in timm_logits:
+      with torch.no_grad():
+        timm_logits[size] = model(torch.from_numpy(
+            x.transpose(0, 3, 1, 2))).numpy()
+    return x, timm_logits[size]
+
+  def run_ours(x_nhwc, **kwargs):
+    fwd = hk.transform(lambda x: nfnet.NFNet(1000, "F0", **kwargs)(
+        x, is_training=False))
+    return np.asarray(jax.jit(fwd.apply)(params, None, x_nhwc)["logits"])
+
+  return model, params, run_timm, run_ours
