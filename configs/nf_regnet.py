@@ -33,12 +33,6 @@ def get_config(arg: str | None = None):
   Raises:
     ValueError: an argument that is neither a variant nor 'smoke'.
   """
-  words = config_schema.parse_args(arg)
-  variants = {w.upper() for w in words} & set(NF_REGNET_VARIANTS)
-  unknown = {w for w in words if w.upper() not in variants and w != "smoke"}
-  if unknown or len(variants) > 1:
-    raise ValueError(f"configs/nf_regnet.py:{arg}: allowed: one variant of "
-                     f"{', '.join(sorted(NF_REGNET_VARIANTS))} and/or 'smoke'")
-  variant = variants.pop() if variants else "B0"
-  return recipes.nf_regnet_imagenet(variant,
-                                    "smoke" if "smoke" in words else None)
+  variant, smoke = config_schema.variant_arg(arg, NF_REGNET_VARIANTS, "B0",
+                                             "configs/nf_regnet.py")
+  return recipes.nf_regnet_imagenet(variant, "smoke" if smoke else None)

@@ -41,11 +41,6 @@ def get_config(arg: str | None = None):
   Raises:
     ValueError: an argument that is neither a variant nor 'smoke'.
   """
-  words = config_schema.parse_args(arg)
-  variants = {w.upper() for w in words} & set(NFNET_VARIANTS)
-  unknown = {w for w in words if w.upper() not in variants and w != "smoke"}
-  if unknown or len(variants) > 1:
-    raise ValueError(f"configs/nfnet.py:{arg}: allowed: one variant of "
-                     f"{', '.join(sorted(NFNET_VARIANTS))} and/or 'smoke'")
-  variant = variants.pop() if variants else "F0"
-  return recipes.nfnet_imagenet(variant, "smoke" if "smoke" in words else None)
+  variant, smoke = config_schema.variant_arg(arg, NFNET_VARIANTS, "F0",
+                                             "configs/nfnet.py")
+  return recipes.nfnet_imagenet(variant, "smoke" if smoke else None)

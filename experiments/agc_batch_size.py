@@ -71,7 +71,7 @@ class Grid:
     batch_sizes, lr_scales, seeds: the grid (peak lr = scale x 0.1 B / 256).
     epochs, warmup_epochs: run length and linear warmup.
     clipping: AGC lambda of the NF-ResNet + AGC runs.
-    fast_compile: quick runs (see `nfnets_jax.fast_compile`).
+    fast_compile: quick runs (see `small_scale.Recipe`).
   """
   depth: tuple[int, ...]
   width: float
@@ -110,8 +110,7 @@ def recipes(grid: Grid) -> dict[str, ss.Recipe]:
                    fast_compile=grid.fast_compile)
   return {
       "nf": ss.Recipe("NFResNet", dict(layout, stochdepth_rate=0.0,
-                                       skipinit_gain=None,
-                                       conv_impl="native"), **common_kw),
+                                       skipinit_gain=None), **common_kw),
       "bn": ss.Recipe("ResNet", layout, **common_kw),
   }
 
@@ -301,7 +300,7 @@ has mean NaN, the other seeds' mean in brackets). Peak lr = m × 0.1 × B/256
 (`base_lr` 0.1 at batch 256, scaled linearly, as the paper), reached after
 {grid.warmup_epochs:g} epoch of linear warmup, then cosine decay to 0; SGD
 with Nesterov momentum {r.momentum}, weight decay {r.weight_decay:g} (not on
-gains and biases): `nfnets_jax.optim.make_optimizer`. Same initialization
+gains and biases): `nfnets_jax.make_optimizer`. Same initialization
 and data order per seed for every model.
 
 Networks (one layout): pre-activation bottleneck ResNet, stages of

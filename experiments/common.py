@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import tqdm
 
-from nfnets_jax.cli import errors as cli
+from nfnets_jax.cli import errors
 
 RESULTS_DIR = pathlib.Path("results")
 MISSING = "—"  # Printed where a reference gives no number.
@@ -41,7 +41,7 @@ def make_parser(module: str, description: str) -> argparse.ArgumentParser:
                       help="output directory (default: results/)")
   parser.add_argument("--verbose", action="store_true",
                       help="show the traceback of an error (or set "
-                      f"{cli.VERBOSE_ENV}=1)")
+                      f"{errors.VERBOSE_ENV}=1)")
   return parser
 
 
@@ -73,12 +73,12 @@ def run_command(module: str, main: Callable[[], Any]) -> None:
   """Runs a script's `main()` as a command and exits.
 
   Bad input (arguments, files, data) ends with one `python -m MODULE:
-  error: ...` line and exit status 2 (`nfnets_jax.cli.guard`).
+  error: ...` line and exit status 2 (`nfnets_jax.cli.errors.guard`).
   """
   def command() -> int:
     main()
     return 0
-  sys.exit(cli.guard(f"python -m {module}", command))
+  sys.exit(errors.guard(f"python -m {module}", command))
 
 
 def command(module: str, argv: Sequence[str] | None) -> str:

@@ -141,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                        for r in rows if r["formula"])
   notes = f"""\
 γ makes `γ · g(x)` unit variance for x ~ N(0, 1). *Shipped*: the constant in
-`nfnets_jax.layers.NONLINEARITY_GAMMAS` (the official release's, which timm
-copies; kept so pretrained checkpoints reproduce their logits). *Sampled*:
+`nfnets_jax.models.layers.NONLINEARITY_GAMMAS` (the official release's, which
+timm copies; kept so pretrained checkpoints reproduce their logits). *Sampled*:
 `layers.estimate_gamma` with {n:,} float32 samples, mean over {seeds} seeds ±
 its standard error. *Exact*: numerical integration against the normal density
 in float64 (trapezoid rule on [−12, 12], 400,001 points). Closed forms:

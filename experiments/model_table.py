@@ -25,11 +25,11 @@ if __package__ in (None, ""):  # Run as `python experiments/model_table.py`.
 import jax  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax.models import stats as model_stats  # noqa: E402
 from nfnets_jax.models import nf_regnet  # noqa: E402
 from nfnets_jax.models import nf_resnet  # noqa: E402
 from nfnets_jax.models import nfnet  # noqa: E402
 from nfnets_jax.models import resnet  # noqa: E402
+from nfnets_jax.models import stats  # noqa: E402
 
 MODULE = "experiments.model_table"
 NUM_CLASSES = 1000
@@ -76,9 +76,6 @@ TIMM: dict[str, tuple[str, int]] = {
 # The official NF-ResNet experiment trains and evaluates at 224 px.
 NF_RESNET_IMSIZE = 224
 NF_RESNET_DEPTHS = (50, 101, 152, 200)
-# Grouped convs as one op: the CPU default ('split') gives the same counts
-# from a program with one conv per group, several times slower to trace.
-COUNT_KWARGS = dict(conv_impl="native")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +95,17 @@ def model_specs(quick: bool = False) -> list[ModelSpec]:
   for v, var in nfnet.NFNET_VARIANTS.items():
     specs.append(ModelSpec(
         "NFNet", f"NFNet-{v}",
-        lambda v=v: nfnet.NFNet(NUM_CLASSES, v, **COUNT_KWARGS),
+        lambda v=v: nfnet.NFNet(NUM_CLASSES, v),
         var.train_imsize, var.test_imsize, sum(var.depth)))
   for d in NF_RESNET_DEPTHS:
     specs.append(ModelSpec(
         "NF-ResNet", f"NF-ResNet-{d}",
-        lambda d=d: nf_resnet.NFResNet(NUM_CLASSES, d, **COUNT_KWARGS),
+        lambda d=d: nf_resnet.NFResNet(NUM_CLASSES, d),
         NF_RESNET_IMSIZE, NF_RESNET_IMSIZE, sum(resnet.get_depths(d))))
   for v, var in nf_regnet.NF_REGNET_VARIANTS.items():
     specs.append(ModelSpec(
         "NF-RegNet", f"NF-RegNet-{v}",
-        lambda v=v: nf_regnet.NFRegNet(NUM_CLASSES, v, **COUNT_KWARGS),
+        lambda v=v: nf_regnet.NFRegNet(NUM_CLASSES, v),
         var.train_imsize, var.test_imsize, sum(var.depth)))
   if quick:
     keep = {"NFNet-F0", "NF-ResNet-50", "NF-RegNet-B0"}
@@ -117,11 +114,15 @@ def model_specs(quick: bool = False) -> list[ModelSpec]:
 
 
 def measure(spec: ModelSpec) -> dict[str, Any]:
-  """Parameters and MACs of one model, beside the published numbers."""
+  """Parameters and MACs of one model, beside the published numbers.
+
+  `stats` traces under the 'native' convolution lowering (one op per
+  grouped convolution: the same counts as any lowering, the quickest trace).
+  """
   fn = lambda x: spec.build()(x, is_training=False)
-  params, _ = model_stats.init_shapes(fn, spec.test_px)
-  n_params = model_stats.count_params(params)
-  flops = model_stats.count_flops(fn, spec.test_px)
+  params, _ = stats.init_shapes(fn, spec.test_px)
+  n_params = stats.count_params(params)
+  flops = stats.count_flops(fn, spec.test_px)
   paper_params, paper_flops = PAPER.get(spec.name, (None, None))
   timm_name, timm_params = TIMM.get(spec.name, (None, None))
   return {
@@ -170,12 +171,13 @@ NOTES = f"""\
 **Columns.** *FLOPs* are multiply-accumulates (MACs) of the convolutions and
 matrix multiplies (classifier, squeeze-excite) for one image at the test
 resolution, the unit the NFNet paper calls FLOPs; elementwise ops, pooling and
-weight standardization are not counted (`nfnets_jax.model_stats.count_flops`
-reads them from the traced program). *Δ* is `(ours − paper) / paper`; the
-paper rounds parameters to 0.1M and FLOPs to 0.01B, so |Δ| below ~0.1% is
-rounding. `{common.MISSING}` means the source gives no number. All models have
-1000 classes and the official layout (one `skip_gain` scalar per block,
-NF-RegNet channels truncated with `int()`).
+weight standardization are not counted
+(`nfnets_jax.models.stats.count_flops` reads them from the traced program).
+*Δ* is `(ours − paper) / paper`; the paper rounds parameters to 0.1M and
+FLOPs to 0.01B, so |Δ| below ~0.1% is rounding. `{common.MISSING}` means the
+source gives no number. All models have 1000 classes and the official layout
+(one `skip_gain` scalar per block, NF-RegNet channels truncated with
+`int()`).
 
 **Sources.** Paper: NFNet-F0...F6 from Table 1 of Brock et al. (ICML 2021) and
 the official README (F6 is the F6+SAM checkpoint there); NFNet-F4+ from the
@@ -200,7 +202,8 @@ meta device and recorded in this script.
 - NF-RegNets differ from timm's `nf_regnet_*` by more than the skip gains:
   timm rounds stage, bottleneck and SE widths to multiples of 8 where the
   official code truncates; `NFRegNet(..., ch_div=8, skipinit_gain=None)`
-  gives timm's layout and count exactly (tests/test_model_families.py).
+  gives timm's layout and count exactly
+  (tests/models/test_model_families.py).
 - NF-ResNet resolutions are the official experiment's 224 px for training
   and evaluation.
 """

@@ -3,30 +3,30 @@
 Evaluates one checkpoint on a split with the paper's single-crop protocol
 (Brock et al. 2021, Appendix A.1): bicubic resize of the whole image to
 `test_imsize + 32` px, central `test_imsize` crop (F0: 288 -> 256, F1: 352 ->
-320, ... from `nfnets_jax.nfnet.NFNET_VARIANTS`), ImageNet mean/std
+320, ... from `nfnets_jax.models.nfnet.NFNET_VARIANTS`), ImageNet mean/std
 normalization; no test-time augmentation. Reports top-1, top-5 and the
 softmax cross-entropy, beside the published ImageNet accuracy of the official
 checkpoints when the split is ImageNet validation, and writes
 `pretrained_eval.md` / `.csv` under `--out`.
 
-Checkpoints (`--source`, default `auto`: a directory is a workdir, `.pth`,
-`.pt`, `.bin`, `.safetensors` are timm, anything else official):
-  official  DeepMind's `F0_haiku.npz` ... `F6_haiku.npz` (dill pickles, read
-            by `nfnets_jax.pretrained.load_pretrained`'s restricted
-            unpickler) or a safe `.npz` of `save_npz` / `python -m
-            nfnets_jax.convert_checkpoint`; official forward
-            (`OFFICIAL_NFNET_KWARGS`).
-  timm      a `dm_nfnet_f*` state dict, converted by `from_timm_state_dict`;
-            timm's forward (`TIMM_NFNET_KWARGS`: eps added to the weight
-            variance, exact GELU). A timm checkpoint converted to `.npz`
-            needs `--forward timm`.
+Checkpoints are read by `nfnets_jax.pretrained.create`, which tells them
+apart by their content (`--source`, default `auto`, only insists on a kind):
+  official  DeepMind's `F0_haiku.npz` ... `F6_haiku.npz` (read by a
+            restricted unpickler) or a safe `.npz` (`nfnets-convert`); the
+            official forward (the registry's `nfnet_f*`).
+  timm      a `dm_nfnet_f*` state dict (`.pth`, `.safetensors`); timm's
+            forward (`dm_nfnet_f*`: eps added to the weight variance, exact
+            GELU), at the paper's crop too (timm's own F0 default resizes to
+            284 px: `--crop_padding 28`). A timm checkpoint converted to
+            `.npz` needs `--forward timm`.
   workdir   an `nfnets-train` workdir: the model, dataset, evaluation size
             and crop of its `config.json`, the raw and EMA params of its
             newest (or `--step`) checkpoint; the run's own final evaluation
             from `metrics.jsonl` is shown beside ours.
-The variant is inferred from the params (`--variant` overrides: a name or a
-JSON mapping of `NFNetVariant` fields); names and shapes are checked against
-it before anything runs.
+A file's NFNet variant is inferred from its params (`--variant` overrides: a
+name or a JSON mapping of `NFNetVariant` fields); every param name and shape
+is checked against the network before anything runs. Convolutions are
+lowered as `$NFNETS_JAX_CONV` says (default `auto`).
 
 ImageNet validation (TFDS `imagenet2012` 'validation', 50,000 images, is the
 split `test` of `nfnets_jax.data.Split`; prepare it once with `tfds build
@@ -36,7 +36,7 @@ download in DIR/downloads/manual):
   python -m experiments.pretrained_eval --checkpoint F0_haiku.npz \\
       --dataset imagenet2012 --split test --data_dir DIR --batch_size 100
   python -m experiments.pretrained_eval --checkpoint dm_nfnet_f0.pth \\
-      --source timm --dataset imagenet2012 --split test --data_dir DIR
+      --dataset imagenet2012 --split test --data_dir DIR
 
 The committed result (nothing to download; ~15 s after a ~2-4 min training):
 
@@ -62,31 +62,27 @@ from typing import Any
 if __package__ in (None, ""):  # Run as `python experiments/pretrained_eval.py`.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import haiku as hk  # noqa: E402
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax.pretrained import create as builder  # noqa: E402
 from nfnets_jax import data  # noqa: E402
-from nfnets_jax.models import layers  # noqa: E402
-from nfnets_jax.models import nfnet  # noqa: E402
-from nfnets_jax.pretrained import checks as param_checks  # noqa: E402
-from nfnets_jax.pretrained import official as pretrained
-from nfnets_jax.pretrained import checks  # noqa: E402
-from nfnets_jax.pretrained import timm as timm_weights  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
+from nfnets_jax.models import families  # noqa: E402
+from nfnets_jax.models import nfnet  # noqa: E402
+from nfnets_jax.models import stats  # noqa: E402
+from nfnets_jax.pretrained import checks  # noqa: E402
+from nfnets_jax.pretrained import create  # noqa: E402
+from nfnets_jax.pretrained import registry  # noqa: E402
+from nfnets_jax.pretrained import timm  # noqa: E402
 
 MODULE = "experiments.pretrained_eval"
 SOURCES = ("auto", "official", "timm", "workdir")
-FORWARDS = {"official": timm_weights.OFFICIAL_NFNET_KWARGS,
-            "timm": timm_weights.TIMM_NFNET_KWARGS}
-TIMM_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-# The paper's evaluation: resize to test_imsize + 32, then center crop.
-PAPER_CROP_PADDING = 32
+FORWARDS = {"official": timm.OFFICIAL_NFNET_KWARGS,
+            "timm": timm.TIMM_NFNET_KWARGS}
+PAPER_CROP_PADDING = registry.PAPER_CROP_PADDING
 QUICK_MAX_EXAMPLES = 64
 
 # ImageNet validation (top-1, top-5) in % of the released checkpoints: the
@@ -105,46 +101,32 @@ PAPER_DATASET = "imagenet2012"
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-  """One set of params ready to evaluate, and how to build its network.
+  """Params to evaluate and the network they fit.
 
   Attributes:
-    label: which params ('raw', 'ema' of a workdir; 'params' of a file).
-    params, model_state: host NumPy trees.
-    model_name: a key of `nfnets_jax.models.MODELS`.
-    model_kwargs: its constructor arguments.
-    num_classes: classifier outputs.
-    variant: the NFNet variant name ('F0', ...), 'custom (widths ...,
-      depths ...)', or another family's variant / name.
+    label: 'params' (a file), 'raw' or 'ema' (a workdir).
+    checkpoint: as `create.load_checkpoint` read it.
+    spec: the network (`family`, `kwargs`) and its evaluation geometry.
+    num_classes: the checkpoint's classifier outputs.
     forward: 'official', 'timm' or 'run config'.
-    loss: 'softmax' or 'sigmoid' (the eval loss).
-    image_size, crop_padding: the default evaluation geometry.
-    run_metrics: the training run's own final evaluation of these params
-      (workdir only): `{'top1', 'top5', 'loss', 'step'}`.
-    step: the workdir checkpoint's training step (None for files).
+    loss: the eval loss, 'softmax' or 'sigmoid'.
+    run_metrics: a workdir run's own final `{'top1', 'top5', 'loss'}`.
   """
   label: str
-  params: hk.Params
-  model_state: hk.State
-  model_name: str
-  model_kwargs: Mapping[str, Any]
+  checkpoint: create.Checkpoint
+  spec: registry.ModelSpec
   num_classes: int
-  variant: str
   forward: str
-  loss: str
-  image_size: int
-  crop_padding: int
+  loss: str = "softmax"
   run_metrics: Mapping[str, float] | None = None
-  step: int | None = None
 
   @property
-  def num_params(self) -> int:
-    return sum(int(np.size(v)) for leaves in self.params.values()
-               for v in leaves.values())
-
-  def network(self) -> hk.TransformedWithState:
-    """This model's network, in `nfnets-train`'s form."""
-    return builder.make_network(self.model_name, self.model_kwargs,
-                                self.num_classes)
+  def variant(self) -> str:
+    """'F0', 'custom (widths ..., depths ...)', or the family's variant."""
+    variant = self.spec.kwargs.get("variant", self.spec.family)
+    if self.spec.family == "NFNet":
+      return variant_label(variant)
+    return str(variant)
 
 
 # ----------------------------------------------------------------------------
@@ -153,27 +135,21 @@ class LoadedModel:
 
 
 def resolve_source(path: str, source: str) -> str:
-  """The checkpoint kind: `source`, or guessed from the path for 'auto'.
+  """The kind of checkpoint `path` holds (by its content), if it is `source`.
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: an unknown `source`, or one that does not fit the path.
+    ValueError: `source` is neither 'auto' nor that kind.
   """
-  if source not in SOURCES:
-    raise ValueError(f"--source={source!r} is unknown; allowed: "
-                     f"{list(SOURCES)}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"--checkpoint={path!r} does not exist")
-  is_dir = os.path.isdir(path)
-  if source == "auto":
-    if is_dir:
-      return "workdir"
-    return "timm" if path.lower().endswith(TIMM_SUFFIXES) else "official"
-  if is_dir != (source == "workdir"):
-    kind = lambda d: "a directory" if d else "a file"
-    raise ValueError(f"--source={source!r} needs {kind(source == 'workdir')}"
-                     f", but --checkpoint={path!r} is {kind(is_dir)}")
-  return source
+  found = create.detect_format(path)
+  found = found if found in ("timm", "workdir") else "official"
+  if source not in ("auto", found):
+    raise ValueError(f"--source={source!r} does not fit --checkpoint={path!r}"
+                     f" ({found} by its content); use --source={found} or "
+                     "auto")
+  return found
 
 
 def parse_variant(value: str | None) -> str | nfnet.NFNetVariant | None:
@@ -186,8 +162,7 @@ def parse_variant(value: str | None) -> str | nfnet.NFNetVariant | None:
     return None
   if value.lstrip().startswith("{"):
     try:
-      mapping = json.loads(value)
-      return nfnet.get_variant(mapping)
+      return nfnet.get_variant(json.loads(value))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
       raise ValueError(f"--variant={value!r} is not a valid variant mapping: "
                        f"{e}") from e
@@ -211,151 +186,137 @@ def variant_label(variant: Any) -> str:
           f"{'-'.join(map(str, v.depth))})")
 
 
-def _load_params_file(path: str, source: str) -> checks.Params:
-  if source == "timm":
-    params, _ = timm_weights.from_timm_state_dict(
-        timm_weights.load_timm_file(path))
-  else:
-    params, _ = pretrained.load_pretrained(path)
-  return params
+def fitted(label: str, ckpt: create.Checkpoint, spec: registry.ModelSpec,
+           where: str, **fields: Any) -> LoadedModel:
+  """The checkpoint as `spec`'s network, with its classifier's class count.
+
+  Args:
+    label, ckpt, spec: as `LoadedModel`'s.
+    where: the params' origin, for errors.
+    **fields: the other fields of `LoadedModel`.
+
+  Raises:
+    ValueError: params without the network's classifier.
+    checks.ParamsMismatchError: params of another network, every differing
+      name and shape listed.
+  """
+  head = stats.classifier_names(spec.family, spec.kwargs)
+  num_classes = checks.checkpoint_classes(ckpt.params, head)
+  if num_classes is None:
+    raise ValueError(f"{where}: no classifier {head} in the params; not a "
+                     f"{spec.family} checkpoint")
+  want, _ = stats.param_shapes(spec.family, spec.kwargs, num_classes)
+  kwargs = "".join(f"{k}={v!r}, " for k, v in spec.kwargs.items())
+  checks.compare_shapes(
+      ckpt.params, want, source=where,
+      target=f"{spec.family}({kwargs}num_classes={num_classes})")
+  return LoadedModel(label, ckpt, spec, num_classes, **fields)
 
 
 def load_file(path: str, source: str, *, variant: str | None = None,
-              forward: str | None = None, conv_impl: str = "auto"
-              ) -> LoadedModel:
-  """Loads an official/`.npz` or timm checkpoint as an NFNet.
+              forward: str | None = None) -> LoadedModel:
+  """An official/`.npz` or timm checkpoint as an NFNet, at the paper's crop.
 
   Args:
     path: the checkpoint file.
-    source: 'official' or 'timm'.
-    variant: `--variant` (None: inferred from the params).
+    source: 'official' or 'timm' (`resolve_source`).
+    variant: `--variant` (None: the params' own, `Checkpoint.spec`).
     forward: 'official' or 'timm' model definition (None: the source's).
-    conv_impl: `NFNet(conv_impl=...)`.
 
   Raises:
-    ValueError: unreadable file, unknown variant, or (as
+    ValueError: an unreadable file, an unknown variant, or (as
       `checks.ParamsMismatchError`) names/shapes that do not fit it.
+    UnsafeCheckpointError: a pickle asking for code (nothing ran).
   """
-  forward = forward or source
-  if forward not in FORWARDS:
-    raise ValueError(f"--forward={forward!r} is unknown; allowed: "
-                     f"{sorted(FORWARDS)}")
-  spec = parse_variant(variant)
-  params = _load_params_file(path, source)
-  if spec is None:
+  variant = parse_variant(variant)
+  ckpt = create.load_checkpoint(path)
+  if variant is None and ckpt.spec is not None:
+    variant = ckpt.spec.kwargs["variant"]
+  elif variant is None:
     try:
-      spec = checks.infer_variant(params)
+      variant = checks.infer_variant(ckpt.params)
     except ValueError as e:
       raise ValueError(f"{path}: cannot infer the NFNet variant ({e}); pass "
                        "--variant") from e
-  num_classes = checks.head_classes(params)
-  if num_classes is None:
-    raise ValueError(f"{path}: no classifier 'NFNet/~/linear/w' [in, classes]"
-                     " in the params; not an NFNet checkpoint")
-  checks.check_params(params, spec, num_classes=num_classes,
-                          source=f"--checkpoint={path!r}")
-  test_imsize = nfnet.get_variant(spec).test_imsize
-  return LoadedModel(
-      label="params", params=params, model_state={}, model_name="NFNet",
-      model_kwargs={"variant": spec, **FORWARDS[forward],
-                    "conv_impl": conv_impl},
-      num_classes=num_classes, variant=variant_label(spec), forward=forward,
-      loss="softmax", image_size=test_imsize,
-      crop_padding=PAPER_CROP_PADDING)
+  forward = forward or source
+  v = nfnet.get_variant(variant)
+  name = (registry.name_for_nfnet(variant, timm=forward == "timm")
+          if isinstance(variant, str) else variant_label(variant))
+  spec = registry.ModelSpec(
+      name, "NFNet", {"variant": variant, **FORWARDS[forward]},
+      registry.DataConfig(v.train_imsize, v.test_imsize, PAPER_CROP_PADDING))
+  return fitted("params", ckpt, spec, f"--checkpoint={path!r}",
+                forward=forward)
 
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The `config.json` an `nfnets-train` run wrote into its workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"--checkpoint={workdir!r} is a directory without config.json; not "
-        "an nfnets-train workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _run_final_eval(workdir: str, step: int) -> dict[str, float] | None:
-  """The run's last `eval` record of `step` from metrics.jsonl, if any."""
+def _run_final_eval(workdir: str, step: int, label: str
+                    ) -> dict[str, float] | None:
+  """The run's last `eval` metrics of `step` and these params, if any."""
+  prefix = "" if label == "raw" else "ema_"
   try:
-    records = run_logging.read_metrics(workdir, "eval")
+    records = [r for r in run_logging.read_metrics(workdir, "eval")
+               if r.get("step") == step and f"{prefix}top1" in r]
   except OSError:
     return None
-  records = [r for r in records if r.get("step") == step]
-  return records[-1] if records else None
-
-
-def _check_shapes(model: LoadedModel, where: str) -> None:
-  """Raises `ParamsMismatchError` when the params do not fit the network."""
-  want, _ = builder.model_shapes(model.model_name, model.model_kwargs,
-                                 model.num_classes, model.image_size)
-  param_checks.compare_shapes(
-      model.params, want, source=where,
-      target=f"{model.model_name}({dict(model.model_kwargs)}, "
-      f"num_classes={model.num_classes})")
+  return ({k: records[-1][prefix + k] for k in ("top1", "top5", "loss")}
+          if records else None)
 
 
 def load_workdir(workdir: str, *, step: int | None = None,
                  which: Sequence[str] = ("raw", "ema"),
-                 num_classes: int | None = None) -> list[LoadedModel]:
-  """Loads the raw and/or EMA params of an `nfnets-train` workdir.
-
-  The model and the evaluation geometry come from the run's config.json,
-  the params from its orbax checkpoint (`builder.load_workdir`).
+                 loss: str = "softmax") -> list[LoadedModel]:
+  """The raw and/or EMA params of an `nfnets-train` workdir, as its model.
 
   Args:
     workdir: the run's --workdir.
     step: a checkpoint step (None: the newest).
     which: 'raw' and/or 'ema' (EMA is skipped when the run kept none).
-    num_classes: classifier outputs (None: the run's dataset's).
+    loss: the run's `train.loss`.
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
     ValueError: an unknown step or `which`, or params that do not fit.
   """
-  bad = [w for w in which if w not in ("raw", "ema")]
-  if bad or not which:
+  if not which or any(w not in ("raw", "ema") for w in which):
     raise ValueError(f"--params={','.join(which)!r}: allowed 'raw', 'ema' "
                      "or 'raw,ema'")
-  config = read_run_config(workdir)
-  step = builder.workdir_step(workdir, step)
-  if num_classes is None:
-    num_classes = data.dataset_info(config.dataset.name,
-                                    config.dataset.data_dir).num_classes
-  final = _run_final_eval(workdir, step)
   models = []
   for label in which:
-    prefix = "" if label == "raw" else "ema_"
-    ckpt = builder.load_workdir(workdir, step=step, use_ema=label == "ema")
+    ckpt = create.load_workdir(workdir, step=step, use_ema=label == "ema")
     if ckpt.ema != (label == "ema"):
-      if label == "ema" and "raw" in which:
+      if "raw" in which:
         continue  # The run kept no EMA: evaluate the raw params only.
-      raise ValueError(f"{workdir!r} step {step} has no {label} params")
-    run_metrics = None
-    if final is not None and f"{prefix}top1" in final:
-      run_metrics = {"top1": final[f"{prefix}top1"],
-                     "top5": final[f"{prefix}top5"],
-                     "loss": final[f"{prefix}loss"], "step": step}
-    kwargs = config.model.kwargs.to_dict()
-    model = LoadedModel(
-        label=label, params=ckpt.params, model_state=ckpt.state,
-        model_name=config.model.name, model_kwargs=kwargs,
-        num_classes=num_classes,
-        variant=(variant_label(kwargs["variant"])
-                 if config.model.name == "NFNet" and "variant" in kwargs
-                 else str(kwargs.get("variant", config.model.name))),
-        forward="run config", loss=config.train.loss,
-        image_size=config.eval.image_size,
-        crop_padding=config.eval.crop_padding, run_metrics=run_metrics,
-        step=step)
-    _check_shapes(model, f"--checkpoint={workdir!r} ({label} params)")
-    models.append(model)
+      raise ValueError(f"{workdir!r} step {ckpt.step} has no {label} params")
+    models.append(fitted(
+        label, ckpt, ckpt.spec, f"--checkpoint={workdir!r} ({label} params)",
+        forward="run config", loss=loss,
+        run_metrics=_run_final_eval(workdir, ckpt.step, label)))
   return models
 
 
 # ----------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """The data (as `nfnets_jax.data.load` reads it) and how much of it.
+
+  Attributes:
+    dataset, split, data_dir: the data; `info` its `data.dataset_info`.
+    batch_size: images per batch (a multiple of the local device count).
+    num_examples: evaluate the first N examples of the split.
+    image_size, crop_padding: the crop, and the resize margin before it.
+  """
+  dataset: str
+  split: data.Split
+  data_dir: str | None
+  info: Any
+  batch_size: int
+  num_examples: int
+  image_size: int
+  crop_padding: int
 
 
 def first_examples(batches: Iterable[dict[str, np.ndarray]],
@@ -372,54 +333,37 @@ def first_examples(batches: Iterable[dict[str, np.ndarray]],
                                      0.0).astype(np.float32)}
 
 
-def evaluate_model(model: LoadedModel, *, dataset: str, split: data.Split,
-                   data_dir: str | None, batch_size: int,
-                   max_examples: int | None, image_size: int,
-                   crop_padding: int,
-                   eval_step: evaluation.EvalStep | None = None
-                   ) -> dict[str, Any]:
+def evaluate_model(model: LoadedModel, d: EvalData,
+                   eval_step: evaluation.EvalStep) -> dict[str, Any]:
   """Top-1, top-5 and loss of `model` on the first examples of a split.
 
-  Data-parallel over the local devices (`evaluation.make_eval_step`); the
-  batches come from `data.load`'s eval mode (resize to `image_size +
-  crop_padding`, center crop, normalize; padding masked).
+  Data-parallel over the local devices; eval-mode batches of `data.load`
+  (resize, center crop, normalize; padding masked).
 
   Args:
     model: what to evaluate.
-    dataset, split, data_dir: the data (as `nfnets_jax.data.load`).
-    batch_size: images per batch (a multiple of the local device count).
-    max_examples: evaluate only the first N examples (None: all).
-    image_size, crop_padding: the crop, and the resize margin before it.
-    eval_step: `evaluation.make_eval_step` of this model's network and loss
-      (None: made here); pass one to share its compilation between params
-      sets of one network, such as a run's raw and EMA params.
+    d: on what.
+    eval_step: `evaluation.make_eval_step` of the model's network and loss.
 
   Returns:
-    `{'top1', 'top5', 'loss', 'count', 'num_batches', 'seconds'}` (top-k as
-    fractions).
+    `{'top1', 'top5', 'loss', 'count', 'seconds'}` (top-k as fractions).
   """
   mesh = parallel.local_mesh()
-  info = data.dataset_info(dataset, data_dir)
-  total = info.splits[split].num_examples
-  num_examples = total if max_examples is None else min(total, max_examples)
-  num_batches = math.ceil(num_examples / batch_size)
-  if eval_step is None:
-    eval_step = evaluation.make_eval_step(model.network(), model.loss)
-  params = parallel.replicate(model.params, mesh)
-  model_state = parallel.replicate(model.model_state, mesh)
-  batches = data.load(split, dataset=dataset, batch_size=batch_size,
-                      image_size=image_size, is_training=False, seed=0,
-                      eval_crop_padding=crop_padding, data_dir=data_dir)
-  batches = common.progress(first_examples(batches, num_examples, batch_size),
-                            f"{model.variant} {model.label}",
-                            total=num_batches)
+  params = parallel.replicate(model.checkpoint.params, mesh)
+  model_state = parallel.replicate(model.checkpoint.state, mesh)
+  batches = data.load(d.split, dataset=d.dataset, batch_size=d.batch_size,
+                      image_size=d.image_size, is_training=False, seed=0,
+                      eval_crop_padding=d.crop_padding, data_dir=d.data_dir)
+  batches = common.progress(
+      first_examples(batches, d.num_examples, d.batch_size),
+      f"{model.variant} {model.label}",
+      total=math.ceil(d.num_examples / d.batch_size))
   start = time.time()
   metrics = evaluation.evaluate(eval_step, params, model_state, batches, mesh)
   metrics["seconds"] = time.time() - start
-  metrics["num_batches"] = num_batches
-  if int(metrics["count"]) != num_examples:
+  if metrics["count"] != d.num_examples:
     raise RuntimeError(f"evaluated {metrics['count']} examples, expected "
-                       f"{num_examples}")
+                       f"{d.num_examples}")
   return metrics
 
 
@@ -432,27 +376,28 @@ def paper_reference(variant: str, dataset: str, split: data.Split,
   return PAPER.get(variant)
 
 
-def result_row(model: LoadedModel, metrics: Mapping[str, Any], *,
-               checkpoint: str, source: str, dataset: str,
-               split: data.Split, data_dir: str | None, image_size: int,
-               crop_padding: int) -> dict[str, Any]:
+def result_row(model: LoadedModel, metrics: Mapping[str, Any], d: EvalData,
+               *, checkpoint: str, source: str) -> dict[str, Any]:
   """One table row: what was evaluated, how, and the numbers."""
-  info = data.dataset_info(dataset, data_dir)
   top1, top5 = 100.0 * metrics["top1"], 100.0 * metrics["top5"]
-  ref = paper_reference(model.variant, dataset, split, model.num_classes)
+  ref = paper_reference(model.variant, d.dataset, d.split, model.num_classes)
   run = model.run_metrics
+  # The run's own numbers are comparable on its whole split at its geometry.
   same_protocol = (run is not None
-                   and image_size == model.image_size
-                   and crop_padding == model.crop_padding
-                   and int(metrics["count"]) == info.splits[split].num_examples)
+                   and (d.image_size, d.crop_padding) == (
+                       model.spec.data.test_size, model.spec.data.crop_padding)
+                   and d.num_examples == d.info.splits[d.split].num_examples)
   return {
       "checkpoint": os.path.basename(os.path.normpath(checkpoint)),
-      "source": source, "params": model.label, "step": model.step,
-      "num_params": model.num_params, "variant": model.variant,
-      "forward": model.forward, "classes": model.num_classes,
-      "dataset": dataset, "split": split.name.lower(),
-      "tfds_split": info.splits[split].spec, "examples": int(metrics["count"]),
-      "resize_px": image_size + crop_padding, "crop_px": image_size,
+      "source": source, "params": model.label,
+      "step": model.checkpoint.step,
+      "num_params": stats.count_params(model.checkpoint.params),
+      "variant": model.variant, "forward": model.forward,
+      "classes": model.num_classes, "dataset": d.dataset,
+      "split": d.split.name.lower(),
+      "tfds_split": d.info.splits[d.split].spec,
+      "examples": metrics["count"],
+      "resize_px": d.image_size + d.crop_padding, "crop_px": d.image_size,
       "top1": top1, "top5": top5, "loss": metrics["loss"],
       "paper_top1": None if ref is None else ref[0],
       "paper_top5": None if ref is None else ref[1],
@@ -564,18 +509,18 @@ three seeds; F0-F3 top-1 also in Table 2's "+ CutMix" row); F6 is F6+SAM.
 """
 
 
-def describe(checkpoint: str, source: str,
-             models: Sequence[LoadedModel]) -> str:
+def describe(checkpoint: str, source: str, rows: Sequence[Mapping[str, Any]],
+             model: LoadedModel) -> str:
   """A sentence on what was evaluated, for the Markdown file."""
-  model = models[0]
-  what = (f"{model.model_name} {model.variant}, {model.num_classes} classes, "
-          f"{model.num_params:,} parameters")
+  what = (f"{model.spec.family} {model.variant}, {model.num_classes} "
+          f"classes, {rows[0]['num_params']:,} parameters")
   if source == "workdir":
     return (f"Checkpoint: the `nfnets-train` workdir `{checkpoint}`, step "
-            f"{model.step} ({', '.join(m.label for m in models)} params; "
-            f"{what}; model, data and evaluation size from its config.json).")
-  return (f"Checkpoint: `{checkpoint}` ({source} format, {model.forward} "
-          f"forward; {what}).")
+            f"{rows[0]['step']} ({', '.join(r['params'] for r in rows)} "
+            f"params; {what}; model, data and evaluation size from its "
+            "config.json).")
+  return (f"Checkpoint: `{checkpoint}` ({model.checkpoint.format} format, "
+          f"{model.forward} forward; {what}).")
 
 
 def _parse_params_arg(value: str) -> tuple[str, ...]:
@@ -589,7 +534,7 @@ def make_parser() -> Any:
                       help="official/.npz or timm file, or nfnets-train "
                       "workdir")
   parser.add_argument("--source", default="auto", choices=SOURCES,
-                      help="checkpoint kind (default: from the path)")
+                      help="checkpoint kind (default: from its content)")
   parser.add_argument("--variant", default=None,
                       help="NFNet variant name (F0...) or JSON mapping of "
                       "NFNetVariant fields (default: inferred)")
@@ -613,9 +558,6 @@ def make_parser() -> Any:
   parser.add_argument("--crop_padding", type=int, default=None,
                       help="resize to image_size + this before the center "
                       "crop (default 32; a workdir's eval.crop_padding)")
-  parser.add_argument("--conv_impl", default="auto",
-                      choices=layers.CONV_IMPLS,
-                      help="grouped-conv lowering of official/timm NFNets")
   parser.add_argument("--params", default="raw,ema", type=_parse_params_arg,
                       help="workdir params to evaluate: raw, ema or raw,ema")
   parser.add_argument("--step", type=int, default=None,
@@ -623,9 +565,69 @@ def make_parser() -> Any:
   return parser
 
 
-def _check_positive(name: str, value: int | None, minimum: int = 1) -> None:
-  if value is not None and value < minimum:
-    raise ValueError(f"--{name}={value} must be >= {minimum}")
+def _check_flags(args: Any) -> None:
+  """Raises ValueError naming a flag whose number is out of range."""
+  for name, minimum in (("batch_size", 1), ("max_examples", 1),
+                        ("image_size", 1), ("crop_padding", 0)):
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+      raise ValueError(f"--{name}={value} must be >= {minimum}")
+  devices = jax.local_device_count()
+  if args.batch_size % devices:
+    raise ValueError(f"--batch_size={args.batch_size} does not split over "
+                     f"the {devices} local devices; use a multiple of "
+                     f"{devices}")
+
+
+def load(args: Any, source: str) -> tuple[list[LoadedModel], EvalData]:
+  """The params to evaluate and the data, from the flags.
+
+  A file is read first (it needs no data); a workdir's data flags default
+  to its config's, and its checkpoint is read once the data is known to be
+  there.
+  """
+  if source == "workdir":
+    if args.variant is not None or args.forward is not None:
+      raise ValueError("--variant and --forward are read from the workdir's "
+                       "config.json; leave them unset with --source=workdir")
+    create.workdir_spec(args.checkpoint)  # Says why it is not a workdir.
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+      config = json.load(f)
+    dataset = args.dataset or config["dataset"]["name"]
+    split_name = args.split or config["dataset"]["eval_split"]
+    data_dir = args.data_dir or config["dataset"].get("data_dir")
+  else:
+    models = [load_file(args.checkpoint, source, variant=args.variant,
+                        forward=args.forward)]
+    dataset, split_name = args.dataset or PAPER_DATASET, args.split or "test"
+    data_dir = args.data_dir
+  try:
+    split = data.Split.from_string(split_name)
+  except ValueError as e:
+    raise ValueError(f"--split={split_name!r}: {e}") from e
+  try:
+    info = data.dataset_info(dataset, data_dir)
+  except ValueError as e:
+    raise ValueError(f"--dataset={dataset!r}: {e}") from e
+  if source == "workdir":
+    models = load_workdir(args.checkpoint, step=args.step, which=args.params,
+                          loss=config["train"]["loss"])
+  if models[0].num_classes != info.num_classes:
+    raise ValueError(
+        f"--checkpoint={args.checkpoint!r} has {models[0].num_classes} "
+        f"classes but --dataset={dataset!r} has {info.num_classes}; evaluate"
+        " it on a dataset with its label set")
+  num_examples = info.splits[split].num_examples
+  max_examples = args.max_examples or (QUICK_MAX_EXAMPLES if args.quick
+                                       else num_examples)
+  geometry = models[0].spec.data
+  return models, EvalData(
+      dataset=dataset, split=split, data_dir=data_dir, info=info,
+      batch_size=args.batch_size,
+      num_examples=min(num_examples, max_examples),
+      image_size=args.image_size or geometry.test_size,
+      crop_padding=(geometry.crop_padding if args.crop_padding is None
+                    else args.crop_padding))
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -643,80 +645,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """
   args = make_parser().parse_args(argv)
   cmd = common.command(MODULE, argv)
-  max_examples = args.max_examples
-  if args.quick and max_examples is None:
-    max_examples = QUICK_MAX_EXAMPLES
-  _check_positive("batch_size", args.batch_size)
-  _check_positive("max_examples", max_examples)
-  _check_positive("image_size", args.image_size)
-  _check_positive("crop_padding", args.crop_padding, 0)
-  devices = jax.local_device_count()
-  if args.batch_size % devices:
-    raise ValueError(f"--batch_size={args.batch_size} does not split over "
-                     f"the {devices} local devices; use a multiple of "
-                     f"{devices}")
-
+  _check_flags(args)
   source = resolve_source(args.checkpoint, args.source)
-  if source == "workdir":
-    if args.variant is not None or args.forward is not None:
-      raise ValueError("--variant and --forward are read from the workdir's "
-                       "config.json; leave them unset with --source=workdir")
-    config = read_run_config(args.checkpoint)
-    dataset = args.dataset or config.dataset.name
-    split_name = args.split or config.dataset.eval_split
-    data_dir = args.data_dir or config.dataset.data_dir
-  else:
-    # The checkpoint is checked first: it needs no data.
-    models = [load_file(args.checkpoint, source, variant=args.variant,
-                        forward=args.forward, conv_impl=args.conv_impl)]
-    dataset = args.dataset or PAPER_DATASET
-    split_name = args.split or "test"
-    data_dir = args.data_dir
-  try:
-    split = data.Split.from_string(split_name)
-  except ValueError as e:
-    raise ValueError(f"--split={split_name!r}: {e}") from e
-  try:
-    info = data.dataset_info(dataset, data_dir)  # Fails early: no data.
-  except ValueError as e:
-    raise ValueError(f"--dataset={dataset!r}: {e}") from e
-  if source == "workdir":
-    models = load_workdir(args.checkpoint, step=args.step, which=args.params,
-                          num_classes=info.num_classes)
-  rows, eval_steps = [], {}
+  models, eval_data = load(args, source)
+  # A workdir's raw and EMA params share their network: one compilation.
+  model = models[0]
+  eval_step = evaluation.make_eval_step(families.make_network(
+      model.spec.family, model.spec.kwargs, model.num_classes), model.loss)
+  rows = []
   for model in models:
-    if model.num_classes != info.num_classes:
-      raise ValueError(
-          f"--checkpoint={args.checkpoint!r} has {model.num_classes} classes"
-          f" but --dataset={dataset!r} has {info.num_classes}; evaluate it on"
-          " a dataset with its label set")
-    image_size = args.image_size or model.image_size
-    crop_padding = (model.crop_padding if args.crop_padding is None
-                    else args.crop_padding)
-    # One compilation per network: raw and EMA params share it.
-    key = repr((model.model_name, sorted(model.model_kwargs.items()),
-                model.num_classes, model.loss))
-    if key not in eval_steps:
-      eval_steps[key] = evaluation.make_eval_step(model.network(), model.loss)
-    metrics = evaluate_model(
-        model, dataset=dataset, split=split, data_dir=data_dir,
-        batch_size=args.batch_size, max_examples=max_examples,
-        image_size=image_size, crop_padding=crop_padding,
-        eval_step=eval_steps[key])
-    rows.append(result_row(
-        model, metrics, checkpoint=args.checkpoint, source=source,
-        dataset=dataset, split=split, data_dir=data_dir,
-        image_size=image_size, crop_padding=crop_padding))
-    print(f"{rows[-1]['checkpoint']} {model.label}: top-1 "
-          f"{rows[-1]['top1']:.2f}%  top-5 {rows[-1]['top5']:.2f}%  loss "
-          f"{rows[-1]['loss']:.4f}  ({rows[-1]['examples']} images, "
-          f"{rows[-1]['resize_px']} -> {rows[-1]['crop_px']} px)")
+    metrics = evaluate_model(model, eval_data, eval_step)
+    row = result_row(model, metrics, eval_data, checkpoint=args.checkpoint,
+                     source=source)
+    rows.append(row)
+    print(f"{row['checkpoint']} {model.label}: top-1 {row['top1']:.2f}%  "
+          f"top-5 {row['top5']:.2f}%  loss {row['loss']:.4f}  "
+          f"({row['examples']} images, {row['resize_px']} -> "
+          f"{row['crop_px']} px)")
 
-  sections = [describe(args.checkpoint, source, models),
+  sections = [describe(args.checkpoint, source, rows, models[0]),
               common.markdown_table(rows, COLUMNS), NOTES + paper_table(),
-              f"jax {jax.__version__}, {devices} {jax.default_backend()} "
-              f"device(s); {sum(r['seconds'] for r in rows):.1f} s of "
-              "evaluation (compilation included)."]
+              f"jax {jax.__version__}, {jax.local_device_count()} "
+              f"{jax.default_backend()} device(s); "
+              f"{sum(r['seconds'] for r in rows):.1f} s of evaluation "
+              "(compilation included)."]
   common.write_markdown(args.out / "pretrained_eval.md",
                         "Pretrained evaluation: top-1/top-5 at the test "
                         "resolution", cmd, sections)

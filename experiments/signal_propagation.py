@@ -51,7 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
-from nfnets_jax.cli import errors as cli  # noqa: E402
+from nfnets_jax.cli import errors  # noqa: E402
 from nfnets_jax.models import nf_resnet  # noqa: E402
 from nfnets_jax.models import resnet  # noqa: E402
 from nfnets_jax.models import signal_propagation as sp  # noqa: E402
@@ -287,7 +287,7 @@ def parse_config(args: Any) -> SPPConfig:
         int(args.depth) if args.depth.isdigit()
         else tuple(int(d) for d in args.depth.split(",")))
   except ValueError as err:
-    raise cli.UsageError(
+    raise errors.UsageError(
         f"--depth={args.depth!r} is invalid ({err}); allowed: a ResNet depth"
         f" ({', '.join(map(str, sorted(resnet.RESNET_DEPTHS)))}) or blocks "
         "per stage, e.g. '4,4'") from err

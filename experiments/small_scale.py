@@ -2,10 +2,11 @@
 
 Shared by `experiments.agc_batch_size` and `experiments.clipping_threshold`.
 Everything is the library's: the config schema and its validation (step
-counts), `train_state` (network, state, the pmapped train step that refuses
-non-finite updates), `evaluation`, `optim.make_optimizer` (SGD + Nesterov,
-weight decay, warmup + cosine schedule, lr = base_lr x batch / 256),
-`agc.adaptive_grad_clip` with `optim.agc_mask`, and the digits of
+counts, and the optimizer `optimizers.make_optimizer`: SGD + Nesterov, weight
+decay, warmup + cosine schedule, lr = base_lr x batch / 256), the network
+(`families.make_network`), `train_state` (state, the pmapped train step that
+refuses non-finite updates), `evaluation`, `agc.adaptive_grad_clip` with
+`optimizers.agc_mask`, the NaN debug hook `loop.poisoned`, and the digits of
 `nfnets_jax.data`. What this module adds:
 
 - **Traced hyperparameters.** The clipping threshold lambda and a learning
@@ -15,6 +16,9 @@ weight decay, warmup + cosine schedule, lr = base_lr x batch / 256),
   chain is `masked(AGC(lambda), agc_mask)` -> `make_optimizer` without AGC
   -> `scale(lr multiplier)`, which equals `make_optimizer` with AGC at
   `lambda` and `base_lr * multiplier` (tested); lambda = inf is no clipping.
+- **Quick compiles.** Steps are traced with one XLA convolution per
+  convolution (`nfnets_jax.conv_impl(CONV_IMPL)`), which compiles fastest
+  for these small networks, whatever `$NFNETS_JAX_CONV` says.
 - **In-memory data.** The digits go through the library's pipeline once
   (`data.load`, evaluation mode: without augmentation, train and eval
   preprocessing are the same) and batches are drawn by the pipeline's own
@@ -38,24 +42,28 @@ from typing import Any
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from nfnets_jax.optim import agc
+import nfnets_jax
 from nfnets_jax import data
-from nfnets_jax.cpu import compiler as fast_compile
-from nfnets_jax.optim import optimizers as optim
 from nfnets_jax.data import pipeline
 from nfnets_jax.experiment import config_schema
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import evaluation
+from nfnets_jax.experiment import loop
 from nfnets_jax.experiment import parallel
 from nfnets_jax.experiment import train_state as ts
+from nfnets_jax.models import families
+from nfnets_jax.models import stats
+from nfnets_jax.optim import agc
+from nfnets_jax.optim import optimizers
 
 NO_CLIPPING = math.inf  # lambda = inf: AGC leaves every finite gradient as is.
 NUM_CLASSES = 10
+# The convolution lowering the steps are traced with (see the module doc).
+CONV_IMPL = "native"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +79,11 @@ class Recipe:
     base_lr: learning rate at `base_batch_size` (scaled linearly).
     base_batch_size: see `base_lr` (the paper: 0.1 at 256).
     momentum: SGD Nesterov momentum.
-    weight_decay: not on gains and biases (`optim.weight_decay_mask`).
+    weight_decay: not on gains and biases (`optimizers.weight_decay_mask`).
     agc_eps: AGC's lower bound on parameter norms.
-    fast_compile: compile with `nfnets_jax.fast_compile` (quick runs:
-      ~2x faster compiles, ~5-10x slower steps).
+    fast_compile: compile without LLVM's expensive passes
+      (`nfnets_jax.cpu.compiler.FAST_OPTIONS`; quick runs: ~2x faster
+      compiles, ~5-10x slower steps).
   """
   model: str
   model_kwargs: Mapping[str, Any]
@@ -94,7 +103,8 @@ def make_config(recipe: Recipe, batch_size: int, *, seed: int = 0,
   """The experiment config (`config_schema`) of one run of `recipe`.
 
   `clipping` is AGC's threshold as `make_optimizer` reads it (0: off); the
-  runs here take it from the optimizer state instead (see `make_tx`).
+  runs here leave it off and take it from the optimizer state instead (see
+  `make_tx`).
   """
   config = config_schema.base_config()
   config.seed = seed
@@ -122,32 +132,27 @@ def make_config(recipe: Recipe, batch_size: int, *, seed: int = 0,
   return config
 
 
-def make_tx(config: ml_collections.ConfigDict,
-            spec: config_validation.RunSpec, params: hk.Params, *,
-            clipping: float, lr_scale: float
-            ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`make_optimizer` with AGC's threshold and an lr multiplier in its state.
+def make_tx(base: optax.GradientTransformation, params: hk.Params, *,
+            clipping: float, eps: float, lr_scale: float
+            ) -> optax.GradientTransformation:
+  """An optimizer with AGC's threshold and an lr multiplier in its state.
 
   Args:
-    config: from `make_config` (its `optimizer.agc.clipping` is ignored).
-    spec: `config_validation.validate(config)`.
-    params: the network's parameters (for `optim.agc_mask`).
+    base: the config's optimizer without AGC (`validate(config).tx` of a
+      `make_config` config with `clipping=0`).
+    params: the network's parameters (for `optimizers.agc_mask`).
     clipping: AGC threshold lambda; `NO_CLIPPING` (inf) for none.
-    lr_scale: the learning rate is `lr_scale` times the config's schedule.
+    eps: AGC's lower bound on parameter norms.
+    lr_scale: the learning rate is `lr_scale` times `base`'s.
 
   Returns:
-    `(tx, schedule)`: the chain and the config's (unscaled) schedule.
+    `masked(AGC(clipping, eps), agc_mask) -> base -> scale(lr_scale)`.
   """
-  o = config.optimizer.to_dict()
-  o["agc"]["clipping"] = 0.0
-  base, schedule = optim.make_optimizer(
-      ml_collections.ConfigDict(o), batch_size=config.train.global_batch_size,
-      steps_per_epoch=spec.steps_per_epoch, total_epochs=spec.total_epochs)
-  clip = optax.inject_hyperparams(agc.adaptive_grad_clip)(
-      clipping=clipping, eps=config.optimizer.agc.eps)
+  clip = optax.inject_hyperparams(agc.adaptive_grad_clip)(clipping=clipping,
+                                                          eps=eps)
   scale = optax.inject_hyperparams(optax.scale)(step_size=lr_scale)
-  tx = optax.chain(optax.masked(clip, optim.agc_mask(params)), base, scale)
-  return tx, schedule
+  return optax.chain(optax.masked(clip, optimizers.agc_mask(params)), base,
+                     scale)
 
 
 @functools.lru_cache(maxsize=4)
@@ -183,12 +188,6 @@ def train_batches(arrays: Mapping[str, np.ndarray], batch_size: int,
     yield {k: arrays[k][idx] for k in ("images", "labels", "soft_labels")}
 
 
-def _compile(fn: Any, fast: bool, *args: Any) -> Any:
-  if fast:
-    return fast_compile.compile_fast(fn, *args)
-  return fn.lower(*args).compile()
-
-
 class Setup:
   """One recipe: its network, data, initial parameters and eval step.
 
@@ -199,7 +198,8 @@ class Setup:
   def __init__(self, recipe: Recipe):
     self.recipe = recipe
     config = make_config(recipe, recipe.base_batch_size)
-    self.net = ts.make_network(config.model, NUM_CLASSES)
+    self.net = families.make_network(config.model.name, config.model.kwargs,
+                                     NUM_CLASSES)
     self.loss = config.train.loss
     self.mesh = parallel.local_mesh()
     self.arrays = digits_arrays(recipe.image_size)
@@ -211,11 +211,8 @@ class Setup:
   def params_shape(self) -> Any:
     """The parameter tree as `jax.ShapeDtypeStruct`s (nothing computed)."""
     if self._params_shape is None:
-      size = self.recipe.image_size
-      images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-      self._params_shape, _ = jax.eval_shape(
-          lambda x: self.net.init(jax.random.PRNGKey(0), x, is_training=True),
-          images)
+      self._params_shape, _ = stats.init_shapes(self.net,
+                                                self.recipe.image_size)
     return self._params_shape
 
   def init_state(self, seed: int) -> ts.TrainState:
@@ -224,19 +221,22 @@ class Setup:
     Its optimizer state is empty: each run puts in its own (`Trainer`).
     """
     if seed not in self._states:
-      self._states[seed] = ts.init_train_state(
-          self.net, optax.identity(), seed=seed,
-          image_size=self.recipe.image_size, use_ema=False)
+      with nfnets_jax.conv_impl(CONV_IMPL):
+        self._states[seed] = ts.init_train_state(
+            self.net, optax.identity(), seed=seed,
+            image_size=self.recipe.image_size, use_ema=False)
     return self._states[seed]
 
   def evaluate(self, state: ts.TrainState) -> dict[str, float]:
     """Top-1 and loss on the 360 test digits (state replicated)."""
     if self._eval_step is None:
       start = time.time()
-      eval_step = evaluation.make_eval_step(self.net, self.loss)
+      eval_step = evaluation.make_eval_step(
+          self.net, self.loss, fast_compile=self.recipe.fast_compile)
       test = parallel.shard(self.arrays["test"], self.mesh)
-      self._eval_step = _compile(eval_step, self.recipe.fast_compile,
-                                 state.params, state.model_state, test)
+      with nfnets_jax.conv_impl(CONV_IMPL):
+        self._eval_step = eval_step.compile(state.params, state.model_state,
+                                            test)
       self.compile_seconds += time.time() - start
     return evaluation.evaluate(self._eval_step, state.params,
                                state.model_state, [self.arrays["test"]],
@@ -250,7 +250,8 @@ class Trainer:
   Attributes:
     config: the `make_config` config (seed 0, AGC off: the run's seed,
       lambda and lr multiplier are arguments of `run`).
-    spec: its `config_validation.RunSpec` (step counts).
+    plan: its `config_validation.validate` (step counts, optimizer).
+    spec: `plan.spec`.
   """
 
   def __init__(self, setup: Setup, batch_size: int):
@@ -258,33 +259,35 @@ class Trainer:
     self.recipe = setup.recipe
     self.batch_size = batch_size
     self.config = make_config(self.recipe, batch_size)
-    self.spec = config_validation.validate(self.config, check_model=False)
+    self.plan = config_validation.validate(self.config, check_model=False)
+    self.spec = self.plan.spec
     self._train_step = None
 
   def initial_state(self, seed: int, *, clipping: float, lr_scale: float
                     ) -> tuple[ts.TrainState, optax.Schedule]:
     """The seed's initial state, its optimizer state for lambda and lr."""
     state = self.setup.init_state(seed)
-    tx, schedule = self._tx(clipping, lr_scale)
+    tx = self._tx(clipping, lr_scale)
     # Op by op: a jitted init would compile again for every new value.
     opt_state = jax.tree.map(np.asarray, tx.init(state.params))
-    return state._replace(opt_state=opt_state), schedule
+    return state._replace(opt_state=opt_state), self.plan.schedule
 
-  def _tx(self, clipping: float, lr_scale: float):
-    return make_tx(self.config, self.spec, self.setup.params_shape(),
-                   clipping=clipping, lr_scale=lr_scale)
+  def _tx(self, clipping: float, lr_scale: float
+          ) -> optax.GradientTransformation:
+    return make_tx(self.plan.tx, self.setup.params_shape(), clipping=clipping,
+                   eps=self.recipe.agc_eps, lr_scale=lr_scale)
 
   def _step(self, state: Any, batch: Any) -> Any:
     """The compiled train step (compiled on first use)."""
     if self._train_step is None:
       start = time.time()
       # The hyperparameters are read from the state: any template values.
-      tx, schedule = self._tx(NO_CLIPPING, 1.0)
-      # `schedule` only feeds the step's `learning_rate` metric (unused).
-      step = ts.make_train_step(self.setup.net, tx, schedule,
-                                self.config.train)
-      self._train_step = _compile(step, self.recipe.fast_compile, state,
-                                  batch)
+      # The schedule only feeds the step's `learning_rate` metric (unused).
+      step = ts.make_train_step(
+          self.setup.net, self._tx(NO_CLIPPING, 1.0), self.plan.schedule,
+          self.config.train, fast_compile=self.recipe.fast_compile)
+      with nfnets_jax.conv_impl(CONV_IMPL):
+        self._train_step = step.compile(state, batch)
       self.setup.compile_seconds += time.time() - start
     return self._train_step
 
@@ -310,12 +313,12 @@ class Trainer:
     mesh = self.setup.mesh
     state = parallel.replicate(host_state, mesh)
     total = self.spec.total_steps
-    batches = train_batches(self.setup.arrays["train"], self.batch_size,
-                            total, seed)
+    # `(batch, position)` pairs, as the library's loop streams them.
+    batches = ((b, None) for b in train_batches(
+        self.setup.arrays["train"], self.batch_size, total, seed))
     if nan_at_step is not None:
-      batches = _poisoned(batches, nan_at_step)
-    device_batches = parallel.prefetch_to_device(
-        ((b, None) for b in batches), mesh)
+      batches = loop.poisoned(batches, 0, nan_at_step)
+    device_batches = parallel.prefetch_to_device(batches, mesh)
     batch, _ = next(device_batches)
     train_step = self._step(state, batch)
     compile_before = self.setup.compile_seconds
@@ -360,14 +363,6 @@ def _check(pending: tuple[int, Mapping[str, jax.Array]],
     return step
   losses.append(float(host["loss"]))
   return None
-
-
-def _poisoned(batches: Iterator[dict[str, np.ndarray]], nan_at_step: int
-              ) -> Iterator[dict[str, np.ndarray]]:
-  for t, batch in enumerate(batches, start=1):
-    if t == nan_at_step:
-      batch = {**batch, "images": np.full_like(batch["images"], np.nan)}
-    yield batch
 
 
 def peak_lr(recipe: Recipe, batch_size: int, lr_scale: float) -> float:

@@ -1,4 +1,5 @@
-"""Test harness for end-to-end tests: run `nfnets-train` in subprocesses.
+"""Test harness for end-to-end tests: run `nfnets-train` in subprocesses
+or in-process, watch compilations, load configs and checkpoints.
 
 Device count is fixed when JAX starts, so each run with a given number of
 (fake CPU) devices or processes is its own Python process. Runs share a
@@ -7,6 +8,9 @@ tests run few tiny steps, where compile time dominates.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -76,6 +80,61 @@ def run_train(workdir: str, *flags: str, devices: int = 1,
   (stdout, stderr), = communicate_all([proc], timeout)
   return subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
                                      stderr)
+
+
+def train_in_process(workdir: str, *flags: str,
+                     config: str = DEFAULT_CONFIG + ":smoke"
+                     ) -> subprocess.CompletedProcess:
+  """`nfnets-train` with the tiny run's flags, in this process.
+
+  The command's own code path (`nfnets_jax.cli.train.run` behind
+  `errors.guard`, as its console entry point), without a new interpreter;
+  for runs whose bits are not compared with a subprocess's (those compile
+  with other XLA flags, `subprocess_env`).
+  """
+  from nfnets_jax.cli import errors  # pylint: disable=g-import-not-at-top
+  from nfnets_jax.cli import train  # pylint: disable=g-import-not-at-top
+  argv = [train.PROG, f"--config={config}", f"--workdir={workdir}",
+          *TINY_FLAGS, *flags]
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = errors.guard(train.PROG, lambda: train.run(argv), argv=argv)
+  return subprocess.CompletedProcess(argv, status, out.getvalue(),
+                                     err.getvalue())
+
+
+def run_script(script: str, devices: int = 4) -> Any:
+  """Runs Python `script` on `devices` fake CPU devices in a new process.
+
+  Returns:
+    The JSON value the script printed on its last line.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def compile_events() -> Iterator[list[str]]:
+  """Collects an event per XLA compilation while the block runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if "backend_compile" in event:
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def communicate_all(procs: list[subprocess.Popen], timeout: float
@@ -204,7 +263,7 @@ def config_paths() -> list[str]:
                 if f.endswith(".py") and not f.startswith("_"))
 
 
-def _tiny_pretrained(config: Any, path: str) -> str:
+def tiny_pretrained(config: Any, path: str) -> str:
   """Saves an initialized 1000-class model of `config` as a pretrained file."""
   import jax  # pylint: disable=g-import-not-at-top
   import nfnets_jax as nj  # pylint: disable=g-import-not-at-top
@@ -236,7 +295,7 @@ def smoke_all(root: str, paths: list[str]) -> dict[str, dict[str, float]]:
       config = load_config(path, "smoke")
       config.workdir = os.path.join(root, name)
       if "finetune" in name:
-        config.pretrained.path = _tiny_pretrained(
+        config.pretrained.path = tiny_pretrained(
             config, os.path.join(root, f"{name}_pretrained.npz"))
       results[name] = loop.run(config)
   return results

@@ -76,6 +76,18 @@ def _train() -> int:
   return 0
 
 
+def _forget_parsed_flags() -> None:
+  """Resets the flags a previous `run` in this process parsed.
+
+  The config flag defines one `config.<field>` flag per override it parses:
+  those go, so the next command line can name them again.
+  """
+  flags.FLAGS.unparse_flags()
+  for name in list(flags.FLAGS):
+    if name.startswith(f"{_CONFIG.name}."):
+      delattr(flags.FLAGS, name)
+
+
 def run(argv: Sequence[str],
         launch: Callable[[Callable[[], int]], int] = lambda train: train()
         ) -> int:
@@ -95,7 +107,7 @@ def run(argv: Sequence[str],
     print(train_flags.help_text(argv[1:]))
     return 0
   app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
-  flags.FLAGS.unparse_flags()
+  _forget_parsed_flags()
   remaining = train_flags.parse_flags(argv)
   if len(remaining) > 1:
     raise errors.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "

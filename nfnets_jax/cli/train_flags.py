@@ -18,6 +18,7 @@ import difflib
 import importlib.util
 import os
 import re
+import sys
 import textwrap
 
 from absl import flags
@@ -365,7 +366,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   spec = resolve_config(flag_value(args, "config"))
   config = load_config(spec)
   check_overrides(args, config, spec.partition(":")[0])
+  argv = _with_config(argv, spec)
+  # ml_collections' config flag reads its `--config.*` overrides from
+  # sys.argv, not from the list given to FLAGS: make them the same.
+  saved, sys.argv = sys.argv, argv
   try:
-    return flags.FLAGS(_with_config(argv, spec))
+    return flags.FLAGS(argv)
   except flags.Error as err:
     raise errors.UsageError(flag_error_line(err, config)) from err
+  finally:
+    sys.argv = saved

@@ -77,6 +77,11 @@ class Compiled:
   """A `jax.pmap` (or `jax.jit`) compiled with `compiler_options()` per input
   signature, on first use: `jax.pmap` takes no compiler options itself.
 
+  In a multi-process run the function is called as it is (compiled by
+  `jax.pmap` without options): pmap's ahead-of-time executables expect
+  global arguments there. The options are for CPUs, where several processes
+  are a test setting.
+
   Args:
     fn: the pmapped or jitted function (positional arguments only).
     fast: compile with `FAST_OPTIONS` too.
@@ -103,6 +108,8 @@ class Compiled:
     return self._executables[key]
 
   def __call__(self, *args: Any) -> Any:
+    if jax.process_count() > 1:
+      return self._fn(*args)
     return self.compile(*args)(*args)
 
   def lower(self, *args: Any) -> Any:

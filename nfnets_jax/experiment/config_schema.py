@@ -9,6 +9,7 @@ name the field, the value and what is allowed (`problem`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ml_collections import config_dict
@@ -158,3 +159,25 @@ def smoke(config: config_dict.ConfigDict, *, image_size: int = 32,
 def parse_args(arg: str | None) -> set[str]:
   """Splits a `get_config` argument like 'F3,smoke' into its words."""
   return {a.strip() for a in (arg or "").split(",") if a.strip()}
+
+
+def variant_arg(arg: str | None, variants: Iterable[str], default: str,
+                config: str) -> tuple[str, bool]:
+  """`(variant, smoke)` of a parameterized config's argument, e.g. 'F3,smoke'.
+
+  Args:
+    arg: the `get_config` argument (case-insensitive variant names).
+    variants: the allowed variant names (upper case).
+    default: the variant when `arg` names none.
+    config: the config file, for the message.
+
+  Raises:
+    ValueError: a word that is neither a variant nor 'smoke', or two variants.
+  """
+  words = parse_args(arg)
+  named = {w.upper() for w in words} & set(variants)
+  unknown = {w for w in words if w.upper() not in named and w != "smoke"}
+  if unknown or len(named) > 1:
+    raise ValueError(f"{config}:{arg}: allowed: one variant of "
+                     f"{', '.join(sorted(variants))} and/or 'smoke'")
+  return (named.pop() if named else default), "smoke" in words

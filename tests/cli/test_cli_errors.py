@@ -1,24 +1,33 @@
 """Every bad input at a command line: one message, exit status 2, no compile.
 
-One row of `CASES` per bad input, run as its own subprocess with JAX's
-compile log on (`JAX_LOG_COMPILES=1`): the test asserts exit status 2, no
-traceback, the message's content (field, value and what is allowed, or the
-file), and that nothing was compiled or written. `test_compile_log_works`
-shows that the log would show a compile.
+One row of `CASES` per bad input. Each runs in-process, as the program's
+`main` would (`errors.guard` around the command), with a listener on JAX's
+compile events: the test asserts exit status 2, no traceback, the message's
+content (field, value and what is allowed, or the file), and that nothing
+was compiled or written. `test_compile_listener_sees_a_compile` shows the
+listener would see one. A few cases also run as real subprocesses, end to
+end (`SUBPROCESS_CASES`).
 
-    python tests/test_cli_errors.py   # the README's table, with seconds
+    python tests/cli/test_cli_errors.py   # the docs' table of bad inputs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import io
 import os
 import pickle
 import subprocess
 import sys
-import time
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from nfnets_jax.cli import errors
+from nfnets_jax.cli import train
 from nfnets_jax.cli import train_flags as train_cli
 import train_harness as testing
 
@@ -112,7 +121,7 @@ CASES = (
     Case("missing_config", "`--config=configs/nope.py`",
          (*TRAIN, "--config=configs/nope.py", "--workdir={tmp}/out"),
          ("no such config file 'configs/nope.py' (allowed: a config file; "
-          "in configs/: default.py, nf_regnet_b0.py",)),
+          "in configs/: default.py, nf_regnet.py",)),
     Case("broken_config", "a config file with a syntax error",
          (*TRAIN, "--config={tmp}/broken_config.py", "--workdir={tmp}/out"),
          ("loading {tmp}/broken_config.py failed: SyntaxError",)),
@@ -149,21 +158,20 @@ CASES = (
          "(traceback first)",
          _train("--config.pretrained.path={tmp}/evil.pkl"),
          ("is refused",), env=(("NFNETS_VERBOSE", "1"),), traceback=True),
-    Case("convert_not_checkpoint", "`convert_checkpoint info` of a text file",
+    Case("convert_not_checkpoint", "`nfnets-convert info` of a text file",
          (*CONVERT, "info", "{tmp}/text.npz"),
-         ("convert_checkpoint: error: {tmp}/text.npz: neither a NumPy .npz",
-          )),
-    Case("convert_unsafe", "`convert_checkpoint convert` of a malicious "
-         "pickle", (*CONVERT, "convert", "{tmp}/evil.pkl", "{tmp}/out.npz"),
+         ("nfnets-convert: error: {tmp}/text.npz: neither a NumPy .npz",)),
+    Case("convert_unsafe", "`nfnets-convert convert` of a malicious pickle",
+         (*CONVERT, "convert", "{tmp}/evil.pkl", "{tmp}/out.npz"),
          ("{tmp}/evil.pkl: refusing to unpickle global posix.system",
           "Nothing from it was called")),
-    Case("convert_missing", "`convert_checkpoint info` of a missing file",
+    Case("convert_missing", "`nfnets-convert info` of a missing file",
          (*CONVERT, "info", "{tmp}/nope.npz"),
          ("error: {tmp}/nope.npz: No such file or directory",)),
-    Case("convert_timm_not_torch", "`convert-timm` of a text file",
-         (*CONVERT, "convert-timm", "{tmp}/text.npz", "{tmp}/out.npz"),
+    Case("convert_timm_not_torch", "`nfnets-convert convert-timm` of a text "
+         "file", (*CONVERT, "convert-timm", "{tmp}/text.npz", "{tmp}/out.npz"),
          ("{tmp}/text.npz: not a readable timm checkpoint",)),
-    Case("convert_bad_command", "`convert_checkpoint frobnicate`",
+    Case("convert_bad_command", "`nfnets-convert frobnicate`",
          (*CONVERT, "frobnicate"), ("invalid choice: 'frobnicate'",)),
     Case("predict_unsafe", "`nfnets-predict --pretrained` a malicious pickle",
          (*PREDICT, "--pretrained={tmp}/evil.pkl", "{tmp}/image.jpg"),
@@ -203,62 +211,100 @@ def _files(tmp: str) -> None:
     f.write("not an image\n")
 
 
-def _env(case: Case) -> dict[str, str]:
-  env = {**testing.subprocess_env(1), "JAX_LOG_COMPILES": "1"}
-  env.pop("NFNETS_VERBOSE", None)
-  env.update(case.env)
-  return env
+# The cases that also run as real processes: one per program, and the
+# traceback switch through the environment.
+SUBPROCESS_CASES = ("unknown_field", "convert_missing", "predict_unsafe",
+                    "verbose_env")
 
 
-def run_case(case: Case, tmp: str) -> tuple[subprocess.CompletedProcess,
-                                             float]:
-  """Runs `case` with its files in `tmp`; returns the process and seconds."""
+def _run_main(module: str, argv: list[str]) -> int:
+  """What `python -m module *argv` does, in this process: its exit status."""
+  if module == "nfnets_jax.cli.train":
+    return errors.guard(train.PROG, lambda: train.run([train.PROG, *argv]),
+                        argv=argv)
+  main = importlib.import_module(module).main
+  if module.startswith("experiments."):
+    prog = f"python -m {module}"
+    return errors.guard(prog, lambda: (main(argv), 0)[1], argv=argv)
+  return main(argv)
+
+
+def run_case(case: Case, tmp: str, monkeypatch: Any
+             ) -> tuple[int, str, list[str]]:
+  """Runs `case` in-process with its files in `tmp`.
+
+  Returns:
+    `(exit status, stderr, compile events)`.
+  """
   _files(tmp)
   args = [a.replace("{tmp}", tmp) for a in case.args]
-  start = time.perf_counter()
-  proc = subprocess.run([sys.executable, *args], cwd=testing.REPO,
-                        env=_env(case), capture_output=True, text=True,
-                        timeout=300, check=False)
-  return proc, time.perf_counter() - start
+  monkeypatch.chdir(testing.REPO)
+  monkeypatch.delenv(errors.VERBOSE_ENV, raising=False)
+  for key, value in case.env:
+    monkeypatch.setenv(key, value)
+  stderr = io.StringIO()
+  with testing.compile_events() as compiles, contextlib.redirect_stderr(stderr), \
+      contextlib.redirect_stdout(io.StringIO()):
+    try:
+      status = _run_main(args[1], args[2:])
+    except SystemExit as exit_:  # argparse's own errors.
+      status = exit_.code
+  return status, stderr.getvalue(), compiles
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_one_message_exit_2(case, tmp_path):
-  tmp = str(tmp_path)
-  proc, _ = run_case(case, tmp)
-  err = proc.stderr
-  assert proc.returncode == 2, err[-3000:]
+def _check(case: Case, tmp: str, status: int, err: str) -> None:
+  assert status == 2, err[-3000:]
   for text in case.expect:
     assert text.replace("{tmp}", tmp) in err, err[-3000:]
   assert ("Traceback" in err) == case.traceback, err[-3000:]
-  # Before any compile: JAX logged none, and nothing was written.
-  assert COMPILE_LOG not in err, err[-3000:]
+  # Nothing was written, and the malicious pickle ran nothing.
   assert not os.path.exists(os.path.join(tmp, "out"))
   assert not os.path.exists(os.path.join(tmp, "out.npz"))
   assert not os.path.exists(os.path.join(tmp, MARKER))
 
 
-def test_compile_log_works(tmp_path):
-  """The observable above: the same environment logs a compile."""
-  case = Case("compile", "", (), ())
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_one_message_exit_2(case, tmp_path, monkeypatch):
+  tmp = str(tmp_path)
+  status, err, compiles = run_case(case, tmp, monkeypatch)
+  _check(case, tmp, status, err)
+  assert not compiles, compiles  # Before any compile.
+
+
+def test_compile_listener_sees_a_compile():
+  """The observable above: the listener records a compile."""
+  with testing.compile_events() as compiles:
+    jax.jit(lambda x: x * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+  assert compiles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_bad_input_in_a_real_process(name, tmp_path):
+  """End to end: the console program's exit status and stderr."""
+  case = {c.name: c for c in CASES}[name]
+  tmp = str(tmp_path)
+  _files(tmp)
+  env = {**testing.subprocess_env(1), **dict(case.env)}
+  if not case.env:
+    env.pop(errors.VERBOSE_ENV, None)
   proc = subprocess.run(
-      [sys.executable, "-c", "import jax.numpy as jnp; print(jnp.ones(3) + 1)"],
-      cwd=str(tmp_path), env=_env(case), capture_output=True, text=True,
-      timeout=120, check=True)
-  assert COMPILE_LOG in proc.stderr
+      [sys.executable, *(a.replace("{tmp}", tmp) for a in case.args)],
+      cwd=testing.REPO, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  _check(case, tmp, proc.returncode, proc.stderr)
 
 
-def _help(args: list[str], cwd: str) -> str:
-  proc = subprocess.run([sys.executable, *TRAIN, *args], cwd=cwd,
-                        env=testing.subprocess_env(1), capture_output=True,
-                        text=True, timeout=120, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert not proc.stderr.strip(), proc.stderr[-3000:]
-  return proc.stdout
+def _help(args: list[str], cwd: str, monkeypatch: Any) -> str:
+  monkeypatch.chdir(cwd)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert train.run([train.PROG, *args]) == 0
+  return out.getvalue()
 
 
-def test_help_lists_flags_overrides_and_configs():
-  out = _help(["--help"], testing.REPO)
+def test_help_lists_flags_overrides_and_configs(monkeypatch):
+  out = _help(["--help"], testing.REPO, monkeypatch)
   for text in ("usage: nfnets-train --config", "--workdir DIR", "--verbose",
                "--config.FIELD=VALUE", "examples:", "exit status: 0 done; 2"):
     assert text in out
@@ -271,16 +317,17 @@ def test_help_lists_flags_overrides_and_configs():
     assert f"  {name} " in out
     assert dict(doc)[name].split()[0] in out
   assert all(len(line) <= 80 for line in out.splitlines())
-  assert _help(["-h"], testing.REPO) == out
+  assert _help(["-h"], testing.REPO, monkeypatch) == out
 
 
-def test_help_elsewhere_lists_configs_next_to_config(tmp_path):
-  out = _help(["--help"], str(tmp_path))
+def test_help_elsewhere_lists_configs_next_to_config(tmp_path, monkeypatch):
+  out = _help(["--help"], str(tmp_path), monkeypatch)
   assert "configs: none found (no configs/ in the current directory)" in out
   configs = tmp_path / "my_configs"
   configs.mkdir()
   (configs / "tiny.py").write_text('"""A tiny run."""\n')
-  out = _help([f"--config={configs / 'tiny.py'}", "--help"], str(tmp_path))
+  out = _help([f"--config={configs / 'tiny.py'}", "--help"], str(tmp_path),
+              monkeypatch)
   assert f"configs in {configs}/ (next to --config):" in out
   assert "tiny.py  A tiny run." in out
 
@@ -306,31 +353,28 @@ def test_flag_value_forms():
   assert not train_cli.wants_help(["--", "--help"])
 
 
-def _table(rows: list[tuple[Case, subprocess.CompletedProcess, float]]
-           ) -> str:
-  lines = ["| Bad input | Message (first line of stderr) | Exit | Seconds |",
-           "|---|---|---|---|"]
-  for case, proc, seconds in rows:
-    first = next((l for l in proc.stderr.splitlines() if ": error:" in l),
-                 "")
+def _table(rows: list[tuple[Case, int, str]]) -> str:
+  """The docs' table: each bad input, the first line of its message."""
+  lines = ["| Bad input | Message (first line of stderr) | Exit |",
+           "|---|---|---|"]
+  for case, status, err in rows:
+    first = next((l for l in err.splitlines() if ": error:" in l), "")
     if first.endswith("invalid config:"):  # The problem is on line 2.
-      lines_ = proc.stderr.splitlines()
+      lines_ = err.splitlines()
       first = f"{first} {lines_[lines_.index(first) + 1].strip()}"
-    if len(first) > 240:  # The README shows the start; the test all.
+    if len(first) > 240:  # The table shows the start; the test all.
       first = first[:240] + " …"
     first = first.replace("|", "\\|")
-    lines.append(f"| {case.what} | `{first}` | {proc.returncode} | "
-                 f"{seconds:.1f} |")
+    lines.append(f"| {case.what} | `{first}` | {status} |")
   return "\n".join(lines)
 
 
 if __name__ == "__main__":
   import tempfile  # pylint: disable=g-import-not-at-top
   measured = []
-  for c in CASES:
-    with tempfile.TemporaryDirectory() as d:
-      p, s = run_case(c, d)
-      p.stderr = p.stderr.replace(d, "DIR")
-      measured.append((c, p, s))
-      print(f"{c.name}: exit {p.returncode}, {s:.1f} s", file=sys.stderr)
+  with pytest.MonkeyPatch.context() as patch:
+    for c in CASES:
+      with tempfile.TemporaryDirectory() as d:
+        code, text, _ = run_case(c, d, patch)
+        measured.append((c, code, text.replace(d, "DIR")))
   print(_table(measured))

@@ -1,4 +1,5 @@
-"""With NFNETS_JAX_MALLOC=1, XLA's freed buffers stay in the process."""
+"""`cpu.malloc.tune()` with NFNETS_JAX_MALLOC=1 keeps XLA's freed buffers in
+the process (the command-line programs call it; importing never does)."""
 import os
 import platform
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from nfnets_jax.cpu import malloc as host_malloc
+from nfnets_jax.cpu import malloc
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                                 reason="mallopt settings are glibc's")
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
 # every call does.
 _CALLS = 40
 _PROBE = f"""
-import resource, nfnets_jax, jax, jax.numpy as jnp
+import resource
+from nfnets_jax.cpu import malloc
+malloc.tune()
+import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.max(x @ x.T))  # [8192, 8192] temporary.
 x = jnp.ones((8192, 64))
 for _ in range(2):
@@ -39,8 +43,8 @@ _TUNED = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1,
 def _run(code: str, **env) -> list[str]:
   """Stdout lines of `code` in a new CPU process with `env` added."""
   child = {k: v for k, v in os.environ.items()
-           if k not in (host_malloc.ENV, host_malloc.ASYNC_ENV)}
-  # Dots on Eigen: YNNPACK (cpu_flags) fuses the probe's dot and max and
+           if k not in (malloc.ENV, malloc.ASYNC_ENV)}
+  # Dots on Eigen: YNNPACK (XLA's default) fuses the probe's dot and max and
   # never materializes the temporary this measures.
   child.update(env, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=")
@@ -50,12 +54,12 @@ def _run(code: str, **env) -> list[str]:
 
 def test_tune_is_opt_in():
   # Only these: tune() on would change this test process for the suite.
-  assert host_malloc.tune({}) == {}
-  assert host_malloc.tune({host_malloc.ENV: "0"}) == {}
+  assert malloc.tune({}) == {}
+  assert malloc.tune({malloc.ENV: "0"}) == {}
 
 
 def test_tuned_process_reuses_freed_xla_buffers_without_page_faults():
-  faults, dispatch_async = _run(_PROBE, **{host_malloc.ENV: "1"})[-2:]
+  faults, dispatch_async = _run(_PROBE, **{malloc.ENV: "1"})[-2:]
   assert dispatch_async == "False"
   assert int(faults) < _PAGES // 2  # Fewer than half the calls grow the heap.
   thp = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -65,22 +69,13 @@ def test_tuned_process_reuses_freed_xla_buffers_without_page_faults():
   assert dispatch_async == "True" and int(faults) > _PAGES * 9 // 10
 
 
-def test_opted_in_import_reports_settings_and_leaves_a_chosen_dispatch():
-  code = ("import nfnets_jax, jax, os; "
-          "print(nfnets_jax.host_malloc.tune(os.environ)); "
+def test_tune_reports_its_settings_and_leaves_a_chosen_dispatch():
+  code = ("from nfnets_jax.cpu import malloc; import jax, os; "
+          "print(malloc.tune(os.environ)); "
           "print(jax.config.read('jax_cpu_enable_async_dispatch'))")
-  settings, dispatch_async = _run(code, **{host_malloc.ENV: "1"})[-2:]
+  settings, dispatch_async = _run(code, **{malloc.ENV: "1"})[-2:]
   assert settings == str(_TUNED) and dispatch_async == "False"
-  settings, dispatch_async = _run(code, **{host_malloc.ENV: "1",
-                                           host_malloc.ASYNC_ENV: "1"})[-2:]
+  settings, dispatch_async = _run(code, **{malloc.ENV: "1",
+                                           malloc.ASYNC_ENV: "1"})[-2:]
   assert settings == str({"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1})
   assert dispatch_async == "True"
-
-
-def test_import_after_backend_start_warns():
-  code = ("import warnings, jax; jax.numpy.ones(1).block_until_ready()\n"
-          "with warnings.catch_warnings(record=True) as caught:\n"
-          "  warnings.simplefilter('always'); import nfnets_jax\n"
-          "print([str(w.message) for w in caught])")
-  (messages,) = _run(code, **{host_malloc.ENV: "1"})[-1:]
-  assert "keeps dispatching asynchronously" in messages, messages

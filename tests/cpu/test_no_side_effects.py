@@ -134,6 +134,7 @@ def test_train_step_is_compiled_with_the_options():
   state = train_state.init_train_state(net, tx, seed=0, image_size=8,
                                        use_ema=False)
   config = testing.load_config(testing.DEFAULT_CONFIG).train
+  config.ema_decay = None
   step = train_state.make_train_step(net, tx, optax.constant_schedule(0.1),
                                      config)
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))

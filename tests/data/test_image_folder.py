@@ -13,20 +13,20 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import train_harness as testing
-from nfnets_jax.pretrained import create as builder
 from nfnets_jax import data
+from nfnets_jax.cli import predict
+from nfnets_jax.cli import train
 from nfnets_jax.data import image_folder
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import logging as run_logging
+from nfnets_jax.pretrained import create as builder
+import train_harness as testing
 
 
 CLASSES = ('disc', 'horizontal', 'vertical')
@@ -310,7 +310,7 @@ def test_validate_rejects_bad_folders(tmp_path, counts, batch, message):
 
 def test_cli_bad_folder_exits_2_before_compute(tmp_path):
   root = _tiny_folder(str(tmp_path / 'root'), {'cat': 4, 'dog': 0})
-  proc = testing.run_train(
+  proc = testing.train_in_process(
       str(tmp_path / 'w'), '--config.dataset.name=image_folder',
       f'--config.dataset.data_dir={root}', config=testing.DEFAULT_CONFIG)
   assert proc.returncode == 2, proc.stderr[-3000:]
@@ -345,16 +345,13 @@ def test_trains_to_high_accuracy_and_names_classes(reference):
     assert json.load(f) == list(CLASSES)
 
 
-def test_predict_names_the_class_of_new_images(reference, tmp_path):
+def test_predict_names_the_class_of_new_images(reference, tmp_path, capsys):
   rng = np.random.default_rng(123)  # Images the run has not seen.
   paths = [_save(_pattern(label, rng), str(tmp_path / f'new{label}.png'))
            for label in range(len(CLASSES))]
-  proc = subprocess.run(
-      [sys.executable, '-m', 'nfnets_jax.cli.predict', '--pretrained', reference,
-       '--json', *paths], cwd=testing.REPO, env=testing.subprocess_env(),
-      capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = [json.loads(line) for line in proc.stdout.splitlines() if line]
+  assert predict.main(['--pretrained', reference, '--json', *paths]) == 0
+  results = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith('{')]
   assert [r['path'] for r in results] == paths
   for label, result in enumerate(results):
     assert result['top'][0]['label'] == CLASSES[label], result
@@ -380,8 +377,7 @@ def test_sigkill_and_resume_bit_exact(folder, reference, cache_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, final, expected)
 
 
-def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(cache_dir,
-                                                           tmp_path):
+def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
   root = write_folder(str(tmp_path / 'root'))
   # Last of 61 sorted discs: not a holdout position, so read in training.
   bad = os.path.join(root, 'disc', 'zz_corrupt.png')
@@ -390,8 +386,8 @@ def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(cache_dir,
   with open(bad, 'wb') as f:
     f.write(good[:len(good) // 2])  # A truncated PNG.
   workdir = str(tmp_path / 'w')
-  proc = testing.run_train(workdir, *_flags(root), cache_dir=cache_dir,
-                           config=testing.DEFAULT_CONFIG)
+  proc = testing.train_in_process(workdir, *_flags(root),
+                                  config=testing.DEFAULT_CONFIG)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert f'cannot decode image {bad!r}' in proc.stderr
   step = int(proc.stderr.split('(at step ')[1].split(')')[0])
@@ -400,21 +396,18 @@ def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(cache_dir,
   assert f'Checkpoint: step {step} in ' in proc.stderr
 
 
-def test_finetune_config_on_image_folder(folder, cache_dir, tmp_path):
+def test_finetune_config_on_image_folder(folder, tmp_path):
   """`configs/nfnet_finetune.py:smoke` with the two dataset flags: a new
   3-way head on a (tiny, saved here) pretrained 1000-class model."""
   path = os.path.join(testing.REPO, 'configs', 'nfnet_finetune.py')
-  pretrained = testing._tiny_pretrained(  # pylint: disable=protected-access
+  pretrained = testing.tiny_pretrained(
       testing.load_config(path, 'smoke'), str(tmp_path / 'tiny.npz'))
   workdir = str(tmp_path / 'w')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'nfnets_jax.cli.train', f'--config={path}:smoke',
-       f'--workdir={workdir}', '--config.dataset.name=image_folder',
-       f'--config.dataset.data_dir={folder}',
-       f'--config.pretrained.path={pretrained}'],
-      cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
-      capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  argv = [train.PROG, f'--config={path}:smoke', f'--workdir={workdir}',
+          '--config.dataset.name=image_folder',
+          f'--config.dataset.data_dir={folder}',
+          f'--config.pretrained.path={pretrained}']
+  assert train.run(argv) == 0
   assert run_logging.read_metrics(workdir, 'eval')[-1]['count'] == 18
   head = testing.load_checkpoint(workdir)['params']['NFNet/~/linear']['w']
   assert head.shape[-1] == len(CLASSES)

@@ -2,17 +2,16 @@
 
 The recipe checks read the per-variant values from the model modules'
 tables (configs are data); the end-to-end check runs every config's smoke
-form (tiny model, one step) in one subprocess with ImageNet and CIFAR-10
-mocked by `tfds.testing.mock_data`.
+form (tiny model, one step) in-process with ImageNet and CIFAR-10 mocked by
+`tfds.testing.mock_data`.
 """
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
+from nfnets_jax.cli import errors
+from nfnets_jax.cli import train_flags
 from nfnets_jax.models import nf_regnet
 from nfnets_jax.models import nfnet
 import train_harness as testing
@@ -32,9 +31,29 @@ def _load(name, arg=None):
 
 
 def test_expected_configs_exist():
-  expected = {"default", "nf_resnet50", "nf_regnet_b0", "nfnet_finetune"}
-  expected |= {f"nfnet_{v.lower()}" for v in NFNETS}
-  assert expected <= set(NAMES)
+  expected = {"default", "nf_resnet50", "nf_regnet", "nfnet", "nfnet_finetune"}
+  assert expected == set(NAMES)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("nfnet_f3.py", "nfnet.py:f3"), ("nfnet_f3.py:smoke", "nfnet.py:f3,smoke"),
+    ("nf_regnet_b0.py", "nf_regnet.py:b0"), ("default.py", "default.py"),
+    ("nope.py", "nope.py")])
+def test_per_variant_config_names_still_work(old, new):
+  configs = os.path.join(testing.REPO, "configs")
+  assert train_flags.resolve_config(os.path.join(configs, old)) == (
+      os.path.join(configs, new))
+  if new != "nope.py":
+    via_old = testing.load_config(os.path.join(configs, old))
+    path, _, arg = new.partition(":")
+    assert via_old == testing.load_config(os.path.join(configs, path),
+                                          arg or None)
+
+
+@pytest.mark.parametrize("arg", ["F9", "F1,F2", "tiny"])
+def test_nfnet_config_refuses_unknown_arguments(arg):
+  with pytest.raises(errors.UsageError, match="allowed: one variant of F0"):
+    _load("nfnet", arg)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -53,7 +72,7 @@ def test_documented_and_locked(name):
 
 @pytest.mark.parametrize("variant", NFNETS)
 def test_nfnet_recipe(variant):
-  c = _load(f"nfnet_{variant.lower()}")
+  c = _load("nfnet", variant)
   v = nfnet.NFNET_VARIANTS[variant]
   assert c.model.name == "NFNet" and c.model.kwargs.variant == variant
   assert c.dataset.name == "imagenet2012"
@@ -81,7 +100,7 @@ def test_nfnet_recipe(variant):
 
 
 def test_nf_regnet_recipe():
-  c = _load("nf_regnet_b0")
+  c = _load("nf_regnet", "B0")
   v = nf_regnet.NF_REGNET_VARIANTS["B0"]
   assert c.model.name == "NFRegNet" and c.model.kwargs.variant == "B0"
   assert c.train.global_batch_size == 1024 and c.train.num_epochs == 360
@@ -120,19 +139,13 @@ def test_smoke_form_is_tiny(name):
   assert c.train.image_size <= 32 and c.eval.image_size <= 32
 
 
-def test_every_config_runs_one_step(tmp_path_factory):
-  """All configs' smoke forms, end to end, in one process."""
-  cache_dir, _ = testing.session_dirs(str(tmp_path_factory.getbasetemp()))
-  root = str(tmp_path_factory.mktemp("smoke"))
-  proc = subprocess.run(
-      [sys.executable, os.path.join(testing.REPO, "tests", "train_harness.py"),
-       "smoke", root, *CONFIGS], cwd=testing.REPO, env=testing.subprocess_env(1, cache_dir),
-      capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("SMOKE_")][0]
-  results = json.loads(line.split(" ", 1)[1])
+def test_every_config_runs_one_step(tmp_path):
+  """All configs' smoke forms, end to end (ImageNet and CIFAR-10 mocked)."""
+  results = testing.smoke_all(str(tmp_path), CONFIGS)
   assert sorted(results) == sorted(NAMES)
   for name, metrics in results.items():
     for key in ("top1", "top5", "loss", "ema_top1"):
       assert math.isfinite(metrics[key]), (name, key)
-    assert testing.checkpoint_steps(os.path.join(root, name)) == [1], name
+    # Mock data: 32 examples a split; the digits: 360 test images.
+    assert metrics["count"] == (360 if name == "default" else 32), name
+    assert testing.checkpoint_steps(str(tmp_path / name)) == [1], name

@@ -4,20 +4,17 @@
 `experiments.gammas` each run their `main(['--quick', '--out', tmp])` here,
 as `python -m experiments.<name> --quick` would.
 """
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
+from experiments import common
+from experiments import gammas
+from experiments import model_table
+from experiments import signal_propagation
+from nfnets_jax.models import layers
+from nfnets_jax.models import signal_propagation as sp
 
-from experiments import common  # noqa: E402
-from experiments import gammas  # noqa: E402
-from experiments import model_table  # noqa: E402
-from experiments import signal_propagation  # noqa: E402
-from nfnets_jax.models import layers  # noqa: E402
-from nfnets_jax.models import signal_propagation as sp  # noqa: E402
-import experiment_outputs  # noqa: E402
+import experiment_outputs
 
 
 def test_model_table_quick(tmp_path):

@@ -3,13 +3,11 @@
 
 The scripts run their `main(['--quick', '--out', tmp])` here, as
 `python -m experiments.<name> --quick` would; the harness is checked against
-the library (its optimizer chain equals `optim.make_optimizer`, its data the
+the library (its optimizer chain equals `make_optimizer`, its data the
 training pipeline's), for reproducibility and for how it reports divergence.
 """
 import itertools
 import math
-import pathlib
-import sys
 
 import jax
 import ml_collections
@@ -17,14 +15,14 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import agc_batch_size
+from experiments import clipping_threshold
+from experiments import small_scale as ss
+from nfnets_jax import data
+from nfnets_jax.experiment import config_validation
+from nfnets_jax.optim import optimizers
 
-from experiments import agc_batch_size  # noqa: E402
-from experiments import clipping_threshold  # noqa: E402
-from experiments import small_scale as ss  # noqa: E402
-from nfnets_jax import data  # noqa: E402
-from nfnets_jax.optim import optimizers as optim  # noqa: E402
-from nfnets_jax.experiment import config_validation  # noqa: E402
-import experiment_outputs  # noqa: E402
+import experiment_outputs
 
 NUM_TRAIN, NUM_TEST = 1437, 360
 
@@ -157,15 +155,17 @@ def _params():
 @pytest.mark.parametrize("clipping", [0.01, ss.NO_CLIPPING])
 def test_make_tx_equals_make_optimizer(clipping):
   recipe = ss.Recipe("NFResNet", {}, epochs=3.0, warmup_epochs=1.0)
-  config = ss.make_config(recipe, 256)
-  spec = config_validation.validate(config, check_model=False)
+  plan = config_validation.validate(ss.make_config(recipe, 256),
+                                    check_model=False)
+  spec = plan.spec
   params = _params()
-  tx, _ = ss.make_tx(config, spec, params, clipping=clipping, lr_scale=2.0)
+  tx = ss.make_tx(plan.tx, params, clipping=clipping, eps=recipe.agc_eps,
+                  lr_scale=2.0)
   # The library's own chain: AGC at lambda, twice the base learning rate.
   reference = ss.make_config(
       recipe, 256, clipping=0.0 if math.isinf(clipping) else clipping)
   reference.optimizer.lr.base_lr = 2 * recipe.base_lr
-  ref_tx, _ = optim.make_optimizer(
+  ref_tx, _ = optimizers.make_optimizer(
       reference.optimizer, batch_size=256,
       steps_per_epoch=spec.steps_per_epoch, total_epochs=spec.total_epochs,
       params=params)
@@ -184,8 +184,8 @@ def test_make_tx_equals_make_optimizer(clipping):
                  u, ref_u)
     p, ref_p = optax.apply_updates(p, u), optax.apply_updates(ref_p, ref_u)
   if not math.isinf(clipping):  # AGC did act: unclipped updates differ.
-    free, _ = ss.make_tx(config, spec, params, clipping=ss.NO_CLIPPING,
-                         lr_scale=2.0)
+    free = ss.make_tx(plan.tx, params, clipping=ss.NO_CLIPPING,
+                      eps=recipe.agc_eps, lr_scale=2.0)
     free_state, clip_state = free.init(params), tx.init(params)
     for _ in range(2):  # Step 0 has lr 0 (warmup from 0).
       u_free, free_state = free.update(grads, free_state, params)
@@ -199,8 +199,7 @@ def test_make_tx_equals_make_optimizer(clipping):
 @pytest.fixture(scope="module")
 def tiny_trainer():
   recipe = ss.Recipe("NFResNet", dict(depth=(1,), width=0.25,
-                                      stochdepth_rate=0.0, skipinit_gain=None,
-                                      conv_impl="native"),
+                                      stochdepth_rate=0.0, skipinit_gain=None),
                      epochs=2.0, fast_compile=True)
   return ss.Trainer(ss.Setup(recipe), 128)
 
@@ -293,7 +292,7 @@ def test_make_config_is_a_valid_experiment_config():
   recipe = ss.Recipe("NFNet", {}, epochs=20.0)
   config = ss.make_config(recipe, 1024, seed=5, clipping=0.01)
   assert isinstance(config, ml_collections.ConfigDict)
-  spec = config_validation.validate(config, check_model=False)
+  spec = config_validation.validate(config, check_model=False).spec
   # As the loop: 1,437 * 20 // 1024 steps, 1 step per epoch.
   assert spec.total_steps == 28 and spec.steps_per_epoch == 1
   assert config.optimizer.agc.clipping == 0.01 and config.seed == 5

@@ -10,7 +10,7 @@ normalization, the model applied directly, NumPy argmax / log-softmax.
 """
 import csv
 import json
-import pathlib
+import shutil
 import sys
 
 import haiku as hk
@@ -20,18 +20,18 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-from experiments import pretrained_eval  # noqa: E402
-from nfnets_jax.cpu import compiler as fast_compile  # noqa: E402
-from nfnets_jax.models import nfnet  # noqa: E402
-from nfnets_jax.pretrained import official as pretrained
+import nfnets_jax
+from experiments import pretrained_eval
+from nfnets_jax.cpu import compiler
+from nfnets_jax.experiment import checkpoint_io
+from nfnets_jax.experiment import train_state
+from nfnets_jax.models import nfnet
 from nfnets_jax.pretrained import checks
-from nfnets_jax.pretrained import timm as timm_weights  # noqa: E402
-from nfnets_jax.experiment import checkpoint_io as checkpointing  # noqa: E402
-import train_harness as testing  # noqa: E402
-from nfnets_jax.experiment import train_state  # noqa: E402
+from nfnets_jax.pretrained import official
+from nfnets_jax.pretrained import timm
+
 import checkpoint_files
+import train_harness as testing
 
 
 TINY = {"width": [16, 32], "depth": [1, 1], "train_imsize": 16,
@@ -138,14 +138,14 @@ def checkpoints(tmp_path_factory):
   files = {}
   for classes in (10, 1000):
     params = tiny_params(classes)
-    official = root / f"tiny{classes}_haiku.npz"
-    official.write_bytes(checkpoint_files.old_haiku_pickle(params))
-    npz = pretrained.save_npz(params, root / f"tiny{classes}.npz")
+    pickled = root / f"tiny{classes}_haiku.npz"
+    pickled.write_bytes(checkpoint_files.old_haiku_pickle(params))
+    npz = official.save_npz(params, root / f"tiny{classes}.npz")
     sd = to_timm_state_dict(params, TINY["depth"])
     # The written timm layout converts back to exactly these params.
     checkpoint_files.assert_params_equal(
-        params, timm_weights.from_timm_state_dict(sd)[0])
-    files[classes] = {"params": params, "official": str(official),
+        params, timm.from_timm_state_dict(sd)[0])
+    files[classes] = {"params": params, "official": str(pickled),
                       "npz": npz}
     if classes == 10:
       torch = pytest.importorskip("torch")
@@ -178,11 +178,12 @@ def reference_logits(params, images, num_classes, forward="official",
       (resize_bicubic(image, side)[offset:offset + TEST_PX,
                                    offset:offset + TEST_PX] - MEAN) / STD
       for image in images]).astype(np.float32)
-  kwargs = {"official": timm_weights.OFFICIAL_NFNET_KWARGS,
-            "timm": timm_weights.TIMM_NFNET_KWARGS}[forward]
-  fwd = hk.transform(lambda x: nfnet.NFNet(
-      num_classes, TINY, conv_impl="native", **kwargs)(x, is_training=False))
-  logits = fast_compile.run_once(fwd.apply, params, None, x)["logits"]
+  kwargs = {"official": timm.OFFICIAL_NFNET_KWARGS,
+            "timm": timm.TIMM_NFNET_KWARGS}[forward]
+  fwd = hk.transform(lambda x: nfnet.NFNet(num_classes, TINY, **kwargs)(
+      x, is_training=False))
+  with nfnets_jax.conv_impl("native"):
+    logits = compiler.run_once(fwd.apply, params, None, x)["logits"]
   return np.asarray(logits, np.float64)
 
 
@@ -204,10 +205,12 @@ def mock_split(dataset, split, n):
 
 
 def run(tmp_path, checkpoint, *flags):
+  """`main()` of the flags, its convolutions lowered as the reference's."""
   out = tmp_path / "out"
   argv = ["--checkpoint", checkpoint, "--batch_size", "8", "--out", str(out),
-          "--conv_impl", "native", *flags]
-  return pretrained_eval.main(argv), out
+          *flags]
+  with nfnets_jax.conv_impl("native"):
+    return pretrained_eval.main(argv), out
 
 
 def assert_row_matches(row, want, n):
@@ -348,7 +351,7 @@ def workdir(tmp_path_factory):
   config = testing.load_config(testing.DEFAULT_CONFIG)
   with config.unlocked():
     config.workdir = str(root)
-    config.model.kwargs = {"variant": TINY, "conv_impl": "native"}
+    config.model.kwargs = {"variant": TINY}
     config.dataset.name = "cifar10"
     config.dataset.eval_split = "test"
     config.eval.image_size = TEST_PX
@@ -359,7 +362,7 @@ def workdir(tmp_path_factory):
       params=params, model_state={}, opt_state=optax.identity().init(params),
       ema_params=ema, ema_model_state={}, step=np.int32(5),
       rng=np.zeros(2, np.uint32))
-  ckpt = checkpointing.Checkpointer(str(root / "checkpoints"), 2,
+  ckpt = checkpoint_io.Checkpointer(str(root / "checkpoints"), 2,
                                     async_save=False)
   ckpt.save(5, state, [{}])
   ckpt.close()
@@ -421,7 +424,7 @@ def test_unknown_variant(checkpoints, tmp_path, variant, match):
 def test_checkpoint_that_does_not_fit_the_variant(checkpoints, tmp_path):
   with pytest.raises(checks.ParamsMismatchError,
                      match=r"(?s)--checkpoint=.*tiny10\.npz' does not match "
-                     r"NFNet variant='F0'.*missing \(176\).*mis-shaped.*"
+                     r"NFNet\(variant='F0', .*missing \(176\).*mis-shaped.*"
                      r"NFNet/~/linear/w: got \(64, 10\), expected "
                      r"\(3072, 10\)"):
     run(tmp_path, checkpoints[10]["npz"], "--variant", "F0")
@@ -443,7 +446,8 @@ def test_class_count_must_be_the_datasets(checkpoints, tmp_path):
 @pytest.mark.parametrize("flags, match", [
     (["--batch_size", "0"], r"--batch_size=0 must be >= 1"),
     (["--max_examples", "0"], r"--max_examples=0 must be >= 1"),
-    (["--source", "workdir"], r"--source='workdir' needs a directory"),
+    (["--source", "workdir"], r"--source='workdir' does not fit "
+     r"--checkpoint=.*tiny10\.npz' \(official by its content\)"),
     (["--split", "bogus"], r"--split='bogus'.*Unknown split"),
     (["--dataset", "no_such_dataset"], r"--dataset='no_such_dataset'.*not "
      r"a known dataset"),
@@ -472,9 +476,38 @@ def test_bad_workdirs(workdir, tmp_path):
       run(tmp_path, str(root), "--step", "7")
     with pytest.raises(ValueError, match=r"--params='raw,best'"):
       run(tmp_path, str(root), "--params", "raw,best")
-    with pytest.raises(ValueError, match=r"\(raw params\) does not match "
-                       r"NFNet.*num_classes=1000"):
+    with pytest.raises(ValueError, match=r"has 10 classes but "
+                       r"--dataset='imagenet2012' has 1000"):
       run(tmp_path, str(root), "--dataset", "imagenet2012")
+
+
+def test_workdir_params_must_fit_its_config(workdir, tmp_path):
+  """A config.json naming another network than the checkpoint's params."""
+  root, _ = workdir
+  other = tmp_path / "other_run"
+  shutil.copytree(root, other)
+  config = json.loads((other / "config.json").read_text())
+  config["model"]["kwargs"]["variant"]["width"] = [16, 64]
+  (other / "config.json").write_text(json.dumps(config))
+  with tfds.testing.mock_data(**MOCK):
+    with pytest.raises(checks.ParamsMismatchError,
+                       match=r"(?s)other_run' \(raw params\) does not match "
+                       r"NFNet\(variant=\{'width': \[16, 64\].*num_classes="
+                       r"10\).*mis-shaped.*NFNet/~/linear/w: got \(64, 10\), "
+                       r"expected \(128, 10\)"):
+      run(tmp_path, str(other))
+
+
+@pytest.mark.parametrize("kind, source", [("npz", "timm"),
+                                          ("timm", "official")])
+def test_source_must_fit_the_content(checkpoints, tmp_path, kind, source):
+  """`--source` names a kind; the file's content is the other one."""
+  path = checkpoints[10][kind]
+  other = {"timm": "official", "official": "timm"}[source]
+  with pytest.raises(ValueError, match=rf"--source='{source}' does not fit "
+                     rf"--checkpoint=.* \({other} by its content\); use "
+                     rf"--source={other} or auto"):
+    run(tmp_path, path, "--source", source, "--variant", TINY_JSON)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,5 @@
 """Tests for nfnets_jax.agc: AGC against a brute-force NumPy reference."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 from absl.testing import parameterized
@@ -456,14 +452,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
 
 
 def test_jit_one_device_equals_pmap_four_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  root = testing.REPO
-  proc = subprocess.run([sys.executable, "-c", _PMAP_SCRIPT], env=env,
-                        cwd=root, capture_output=True, text=True, timeout=300,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = testing.run_script(_PMAP_SCRIPT, devices=4)
   assert out["max_abs_update"] > 1e-3  # the parameters do move
   assert out["device_spread"] == 0.0  # replicas stay identical
   # Same updates up to float reassociation of the batch mean.

@@ -3,10 +3,8 @@
 Nothing is downloaded: the tests write files in the official layout
 themselves, and compare converted timm models against timm's own forward.
 """
-import io
 import os
 import pickle
-import pickletools
 import sys
 
 import haiku as hk

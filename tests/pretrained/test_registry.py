@@ -5,9 +5,7 @@ randomly initialised timm `dm_nfnet_f0`, official-layout pickles, `.npz`
 files of tiny models, a tiny `nfnets-train` run).
 """
 import json
-import os
 import shutil
-import sys
 
 import haiku as hk
 import jax
