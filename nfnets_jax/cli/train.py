@@ -3,7 +3,7 @@ r"""Trains and evaluates an NFNet experiment described by a config file.
     nfnets-train --config configs/default.py --workdir /tmp/digits
     nfnets-train --config configs/nfnet_f0.py --workdir gs-or-local-dir \
         --config.dataset.data_dir=/data/tfds --config.train.num_epochs=90
-    python -m nfnets_jax.cli.train --config configs/nfnet.py:F3,smoke --workdir w
+    python -m nfnets_jax.cli.train --config configs/default.py:smoke --workdir w
 
 `--config.<field>=<value>` overrides any field (the config is locked, so a
 misspelt field fails, naming the closest fields); `:smoke` after a config

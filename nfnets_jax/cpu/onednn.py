@@ -100,8 +100,10 @@ def _lower_cpu(ctx, x, w, *, stride, padding, groups):
   if _for_export(ctx):
     return _lower_portable(ctx, x, w, stride=stride, padding=padding,
                            groups=groups)
+  # No layout constraints: XLA's default (row-major) layouts, as the
+  # convolutions XLA:CPU's own oneDNN pass would emit.
   lower = jax.ffi.ffi_lowering(
-      CUSTOM_CALL_TARGET, api_version=1,
+      CUSTOM_CALL_TARGET, api_version=1, skip_ffi_layout_processing=True,
       backend_config=_backend_config(stride, padding, groups))
   return lower(ctx, x, w)
 

@@ -8,7 +8,7 @@ was compiled or written. `test_compile_listener_sees_a_compile` shows the
 listener would see one. A few cases also run as real subprocesses, end to
 end (`SUBPROCESS_CASES`).
 
-    python tests/cli/test_cli_errors.py   # the docs' table of bad inputs
+    PYTHONPATH=tests python tests/cli/test_cli_errors.py   # the docs' table
 """
 from __future__ import annotations
 
