@@ -4,8 +4,11 @@
   official `F*_haiku.npz` files (without importing either).
 - `perturbed_timm_f0`: a randomly initialized, perturbed timm `dm_nfnet_f0`,
   its converted params, and both forwards.
+- `flip_array_bytes`, `flip_in_largest_file`, `truncate_largest_file`:
+  damage to an orbax checkpoint step.
 """
 import io
+import os
 import pickle
 import pickletools
 
@@ -178,3 +181,55 @@ def perturbed_timm_f0():
     return np.asarray(jax.jit(fwd.apply)(params, None, x_nhwc)["logits"])
 
   return model, params, run_timm, run_ours
+
+
+# Damage, as a full disk or a bad sector would do.
+
+
+def state_files(step_dir: str) -> list[str]:
+  """The files of an orbax checkpoint step's `state` item."""
+  return sorted(os.path.join(root, f) for root, _, files in
+                os.walk(os.path.join(step_dir, "state")) for f in files)
+
+
+def flip_array_bytes(step_dir: str, array: np.ndarray, n: int = 4096) -> str:
+  """Inverts up to `n` bytes in the middle of `array`'s stored bytes.
+
+  Returns:
+    The file changed (the array must be stored uncompressed, whole).
+  """
+  raw = np.ascontiguousarray(array).tobytes()
+  for path in state_files(step_dir):
+    with open(path, "rb") as f:
+      data = bytearray(f.read())
+    at = data.find(raw)
+    if at < 0:
+      continue
+    count = min(n, len(raw) // 2)
+    start = at + (len(raw) - count) // 2
+    data[start:start + count] = bytes(b ^ 0xFF for b in
+                                      data[start:start + count])
+    with open(path, "wb") as f:
+      f.write(data)
+    return path
+  raise AssertionError(f"array bytes not found under {step_dir}")
+
+
+def truncate_largest_file(step_dir: str) -> str:
+  """Cuts the step's largest state file to half its size; returns it."""
+  path = max(state_files(step_dir), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+def flip_in_largest_file(step_dir: str, n: int = 4096) -> str:
+  """Inverts `n` bytes in the middle of the step's largest state file."""
+  path = max(state_files(step_dir), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    start = max(len(data) // 2 - n // 2, 0)
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    f.seek(0)
+    f.write(data)
+  return path

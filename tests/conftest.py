@@ -1,5 +1,15 @@
-"""Session fixtures shared by the test files; `experiments/` importable."""
+"""Session fixtures shared by the test files; `experiments/` importable.
+
+The test process compiles without XLA:CPU's expensive LLVM passes: its
+programs are tiny and most run once, so compiling is most of their time
+(set before JAX starts; the library itself never sets XLA_FLAGS).
+"""
+import os
 import sys
+
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true"]).strip()
 
 import pytest
 

@@ -27,7 +27,8 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 # A tiny, deterministic digits run: the default model, 16 px, 16 images a
 # step over 2 data shards (so 1, 2 or 4 devices, 1 or 2 processes all see
 # the same global batches), a checkpoint every 2 steps, metrics every step,
-# an evaluation at step 6 and at the end, AGC statistics and TensorBoard.
+# an evaluation at step 6 and at the end, AGC statistics (the reference run
+# also writes TensorBoard events: `REFERENCE_FLAGS`).
 TINY_FLAGS = (
     "--config.train.num_steps=12",
     "--config.train.global_batch_size=16",
@@ -40,15 +41,24 @@ TINY_FLAGS = (
     "--config.optimizer.lr.base_lr=1.6",  # Peak 0.1: the loss moves.
     "--config.optimizer.track_clip_stats=True",
     "--config.eval.every_steps=6",
-    "--config.logging.tensorboard=True",
     "--config.logging.progress_bar=False",
 )
+# The reference run also writes TensorBoard events (a 2 s import).
+REFERENCE_FLAGS = ("--config.logging.tensorboard=True",)
 
 
 def subprocess_env(devices: int = 1, cache_dir: str | None = None
                    ) -> dict[str, str]:
-  """Environment for a child JAX process with `devices` CPU devices."""
+  """Environment for a child JAX process with `devices` CPU devices.
+
+  Its programs trace XLA's own convolutions (`NFNETS_JAX_CONV=native`):
+  jaxlib cannot write programs holding the oneDNN custom call to the
+  persistent compilation cache (it fails to serialize them), so each run
+  would compile its steps again. The lowerings compute the same numbers
+  (tests/cpu/test_convolution.py); in-process runs use the default.
+  """
   env = dict(os.environ)
+  env["NFNETS_JAX_CONV"] = "native"
   env["XLA_FLAGS"] = " ".join([
       f"--xla_force_host_platform_device_count={devices}",
       "--xla_backend_optimization_level=0",
@@ -239,14 +249,14 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Finished checkpoint steps in a workdir."""
-  from nfnets_jax.experiment import checkpoint_io as checkpointing  # pylint: disable=g-import-not-at-top
-  return checkpointing.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+  from nfnets_jax.experiment import checkpoint_io
+  return checkpoint_io.checkpoint_steps(os.path.join(workdir, "checkpoints"))
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
   """A checkpoint's state tree (NumPy) without a template."""
-  from nfnets_jax.experiment import checkpoint_io as checkpointing  # pylint: disable=g-import-not-at-top
-  return checkpointing.read_state(os.path.join(workdir, "checkpoints"), step)
+  from nfnets_jax.experiment import checkpoint_io
+  return checkpoint_io.read_state(os.path.join(workdir, "checkpoints"), step)
 
 
 def load_config(path: str, arg: str | None = None) -> Any:
@@ -316,15 +326,8 @@ def reference_run(basetemp: str) -> str:
   cache_dir, workdir = session_dirs(basetemp)
   if 12 not in checkpoint_steps(workdir) or not os.path.exists(
       os.path.join(workdir, "metrics.jsonl")):
-    proc = run_train(workdir, devices=1, cache_dir=cache_dir)
+    proc = run_train(workdir, *REFERENCE_FLAGS, devices=1,
+                     cache_dir=cache_dir)
     if proc.returncode != 0:
       raise RuntimeError(f"reference run failed:\n{proc.stderr[-4000:]}")
   return workdir
-
-
-if __name__ == "__main__":
-  # python tests/train_harness.py smoke ROOT CONFIG...
-  import json  # pylint: disable=g-import-not-at-top
-  if len(sys.argv) < 4 or sys.argv[1] != "smoke":
-    raise SystemExit(__doc__)
-  print("SMOKE_RESULTS " + json.dumps(smoke_all(sys.argv[2], sys.argv[3:])))

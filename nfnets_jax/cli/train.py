@@ -1,7 +1,7 @@
 r"""Trains and evaluates an NFNet experiment described by a config file.
 
     nfnets-train --config configs/default.py --workdir /tmp/digits
-    nfnets-train --config configs/nfnet_f0.py --workdir gs-or-local-dir \
+    nfnets-train --config configs/nfnet.py:F0 --workdir gs-or-local-dir \
         --config.dataset.data_dir=/data/tfds --config.train.num_epochs=90
     python -m nfnets_jax.cli.train --config configs/default.py:smoke --workdir w
 

@@ -11,7 +11,8 @@ convolutions and matrix multiplies (classifier, squeeze-excite linears) for
 one image; elementwise ops, pooling and weight standardization are free.
 Work on the weights alone (weight standardization's mean and variance are
 dots) does not grow with the batch, so a model's count is the MACs of a
-2-image forward minus those of a 1-image one.
+2-image forward minus those of a 1-image one (each read from the traced
+initialization, which runs the forward).
 """
 from __future__ import annotations
 
@@ -142,16 +143,15 @@ def count_flops(model_fn: ModelFn, image_size: int, channels: int = 3) -> int:
   Returns:
     MACs, the unit the NFNet paper reports as FLOPs.
   """
-  net = hk.transform_with_state(lambda x, is_training: model_fn(x))
-  params, state = init_shapes(net, image_size, channels)
+  init = hk.transform_with_state(model_fn).init
 
   def macs(batch: int) -> int:
+    # Initializing runs the forward (and initializers, which multiply
+    # nothing): one trace per batch size, no parameters needed.
     x = jax.ShapeDtypeStruct((batch, image_size, image_size, channels),
                              jnp.float32)
     with lowering.conv_impl("native"):
-      jaxpr = jax.make_jaxpr(
-          lambda p, s, x: net.apply(p, s, None, x, is_training=False))(
-              params, state, x).jaxpr
+      jaxpr = jax.make_jaxpr(lambda x: init(jax.random.key(0), x))(x).jaxpr
     return _jaxpr_macs(jaxpr)
 
   return macs(2) - macs(1)

@@ -28,7 +28,7 @@ import pytest
 
 from nfnets_jax.cli import errors
 from nfnets_jax.cli import train
-from nfnets_jax.cli import train_flags as train_cli
+from nfnets_jax.cli import train_flags
 import train_harness as testing
 
 TRAIN = ("-m", "nfnets_jax.cli.train")
@@ -308,12 +308,12 @@ def test_help_lists_flags_overrides_and_configs(monkeypatch):
   for text in ("usage: nfnets-train --config", "--workdir DIR", "--verbose",
                "--config.FIELD=VALUE", "examples:", "exit status: 0 done; 2"):
     assert text in out
-  for field, _ in train_cli.COMMON_OVERRIDES:
+  for field, _ in train_flags.COMMON_OVERRIDES:
     assert f"--config.{field} " in out
   assert "configs in configs/ (in the current directory):" in out
   for path in testing.config_paths():
     name = os.path.basename(path)
-    doc = train_cli.config_docs(os.path.dirname(path))
+    doc = train_flags.config_docs(os.path.dirname(path))
     assert f"  {name} " in out
     assert dict(doc)[name].split()[0] in out
   assert all(len(line) <= 80 for line in out.splitlines())
@@ -335,8 +335,8 @@ def test_help_elsewhere_lists_configs_next_to_config(tmp_path, monkeypatch):
 def test_common_overrides_are_fields_of_every_config():
   """--help names real fields (of the schema, so of every config)."""
   for path in testing.config_paths():
-    paths = set(train_cli.field_paths(train_cli.load_config(path)))
-    for field, _ in train_cli.COMMON_OVERRIDES:
+    paths = set(train_flags.field_paths(train_flags.load_config(path)))
+    for field, _ in train_flags.COMMON_OVERRIDES:
       if field == "model.kwargs.variant" and "variant" not in paths:
         continue  # Only families with variants have it.
       assert field in paths, (path, field)
@@ -344,13 +344,13 @@ def test_common_overrides_are_fields_of_every_config():
 
 def test_flag_value_forms():
   args = ["--config=a.py", "--workdir", "w", "--config.x=1", "--", "--config=z"]
-  assert train_cli.flag_value(args, "config") == "a.py"
-  assert train_cli.flag_value(args, "workdir") == "w"
-  assert train_cli.flag_value(["-workdir=v"], "workdir") == "v"
-  assert train_cli.flag_value(["--workdir"], "workdir") is None
-  assert train_cli.overrides(args) == [("x", "--config.x")]
-  assert train_cli.wants_help(["--config=a", "-h"])
-  assert not train_cli.wants_help(["--", "--help"])
+  assert train_flags.flag_value(args, "config") == "a.py"
+  assert train_flags.flag_value(args, "workdir") == "w"
+  assert train_flags.flag_value(["-workdir=v"], "workdir") == "v"
+  assert train_flags.flag_value(["--workdir"], "workdir") is None
+  assert train_flags.overrides(args) == [("x", "--config.x")]
+  assert train_flags.wants_help(["--config=a", "-h"])
+  assert not train_flags.wants_help(["--", "--help"])
 
 
 def _table(rows: list[tuple[Case, int, str]]) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 
 import nfnets_jax as nj  # noqa: E402
-from nfnets_jax.pretrained import create as builder  # noqa: E402
+from nfnets_jax.pretrained import create
 from nfnets_jax.cli import predict  # noqa: E402
 from nfnets_jax.pretrained import registry  # noqa: E402
 import train_harness as testing  # noqa: E402
@@ -164,7 +164,7 @@ def test_workdir_with_class_names_in_a_subprocess(reference_run, image_files,
   workdir = tmp_path / "run"
   shutil.copytree(reference_run, workdir)
   names = [f"digit_{i}" for i in range(10)]
-  (workdir / builder.CLASS_NAMES_FILE).write_text(json.dumps(names))
+  (workdir / create.CLASS_NAMES_FILE).write_text(json.dumps(names))
   proc = subprocess.run(
       [sys.executable, "-m", "nfnets_jax.cli.predict", "--pretrained",
        str(workdir), "--json", image_files["rgb.png"]],

@@ -12,20 +12,21 @@ from nfnets_jax.cpu import malloc
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
                                 reason="mallopt settings are glibc's")
 
-# A jitted function whose 256 MB temporary is freed after every call; prints
-# the minor page faults of calls 3-42 and whether dispatch is asynchronous.
-# With the settings glibc's heap still grows now and then while it settles
-# (its aligned blocks leave gaps): seen here, in 6 runs, 3-7 of the 40 calls
-# faulted their temporary in, the last at call 25; with glibc's defaults
-# every call does.
+# A jitted function whose 64 MB temporary (over glibc's largest mmap
+# threshold, 32 MB) is freed after every call; prints the minor page faults
+# of calls 3-42 and whether dispatch is asynchronous. With the settings
+# glibc's heap still grows now and then while it settles (its aligned blocks
+# leave gaps): seen here, 0.2 to 2.2 of the 40 calls' worth of pages faulted
+# in (3 runs; with 256 MB temporaries, 3-7 calls' worth in 6 runs); with
+# glibc's defaults every call faults its temporary in.
 _CALLS = 40
 _PROBE = f"""
 import resource
 from nfnets_jax.cpu import malloc
 malloc.tune()
 import jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.max(x @ x.T))  # [8192, 8192] temporary.
-x = jnp.ones((8192, 64))
+f = jax.jit(lambda x: jnp.max(x @ x.T))  # [4096, 4096] temporary.
+x = jnp.ones((4096, 64))
 for _ in range(2):
   f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -34,8 +35,8 @@ for _ in range({_CALLS}):
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(jax.config.read("jax_cpu_enable_async_dispatch"))
 """
-# Pages of 4 KiB in the measured calls' 256 MB temporaries.
-_PAGES = _CALLS * (256 << 20) // 4096
+# Pages of 4 KiB in the measured calls' 64 MB temporaries.
+_PAGES = _CALLS * (64 << 20) // 4096
 _TUNED = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": -1,
           "jax_cpu_enable_async_dispatch": False}
 

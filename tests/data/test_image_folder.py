@@ -4,17 +4,16 @@ The end-to-end runs train the tiny digits NFNet of `configs/default.py` on a
 folder written here: three visually distinct classes (a disc, horizontal
 stripes, vertical stripes; random colours), 60 images each of 20x20 in
 mixed formats (PNG, JPEG, BMP, WebP, upper-case extensions), some grey,
-palette or RGBA. One run is the reference (eval top-1 and `nfnets-predict`
-on new images); a run killed mid-way and resumed must end with the same
-state bit for bit; a run with one corrupt file must stop with exit 2,
-naming the file, after saving a checkpoint.
+palette or RGBA, through the command's own code in-process. One run is the
+reference (eval top-1 and `nfnets-predict` on new images); a run with one
+corrupt file must stop with exit 2, naming the file, after saving a
+checkpoint. Resuming exactly: the folder source's data position in
+`test_train_stream_resumes_exactly`, a killed run through the CLI in
+tests/experiment/test_train.py.
 """
 import json
 import os
 import pickle
-import signal
-
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,7 +24,7 @@ from nfnets_jax.cli import train
 from nfnets_jax.data import image_folder
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import logging as run_logging
-from nfnets_jax.pretrained import create as builder
+from nfnets_jax.pretrained import create
 import train_harness as testing
 
 
@@ -328,11 +327,11 @@ def _flags(root: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope='module')
-def reference(folder, cache_dir, tmp_path_factory):
-  """The uninterrupted run on the folder."""
+def reference(folder, tmp_path_factory):
+  """A run of the digits config on the folder (in-process)."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'w')
-  proc = testing.run_train(workdir, *_flags(folder), cache_dir=cache_dir,
-                           config=testing.DEFAULT_CONFIG)
+  proc = testing.train_in_process(workdir, *_flags(folder),
+                                  config=testing.DEFAULT_CONFIG)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir
 
@@ -341,7 +340,7 @@ def test_trains_to_high_accuracy_and_names_classes(reference):
   final = run_logging.read_metrics(reference, 'eval')[-1]
   assert final['step'] == NUM_STEPS and final['count'] == 18
   assert final['top1'] >= 0.9 and final['ema_top1'] >= 0.9, final
-  with open(os.path.join(reference, builder.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(reference, create.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == list(CLASSES)
 
 
@@ -356,25 +355,6 @@ def test_predict_names_the_class_of_new_images(reference, tmp_path, capsys):
   for label, result in enumerate(results):
     assert result['top'][0]['label'] == CLASSES[label], result
     assert result['top'][0]['index'] == label
-
-
-def test_sigkill_and_resume_bit_exact(folder, reference, cache_dir, tmp_path):
-  workdir = str(tmp_path / 'killed')
-  proc = testing.start_train(workdir, *_flags(folder), cache_dir=cache_dir,
-                             config=testing.DEFAULT_CONFIG)
-  testing.wait_for_checkpoint(proc, workdir, 10)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  killed_at = testing.checkpoint_steps(workdir)
-  assert NUM_STEPS not in killed_at, 'the run finished before it was killed'
-  proc = testing.run_train(workdir, *_flags(folder), cache_dir=cache_dir,
-                           config=testing.DEFAULT_CONFIG)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'resumed from step' in proc.stdout + proc.stderr
-  final = testing.load_checkpoint(workdir, NUM_STEPS)
-  expected = testing.load_checkpoint(reference, NUM_STEPS)
-  assert jax.tree.structure(final) == jax.tree.structure(expected)
-  jax.tree.map(np.testing.assert_array_equal, final, expected)
 
 
 def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
@@ -411,5 +391,5 @@ def test_finetune_config_on_image_folder(folder, tmp_path):
   assert run_logging.read_metrics(workdir, 'eval')[-1]['count'] == 18
   head = testing.load_checkpoint(workdir)['params']['NFNet/~/linear']['w']
   assert head.shape[-1] == len(CLASSES)
-  with open(os.path.join(workdir, builder.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(workdir, create.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == list(CLASSES)

@@ -139,13 +139,20 @@ def test_smoke_form_is_tiny(name):
   assert c.train.image_size <= 32 and c.eval.image_size <= 32
 
 
+# Run end to end by other tests: the digits config's smoke form is the
+# session's reference run (conftest `reference_run`, through the CLI), the
+# fine-tuning one fine-tunes on an image folder
+# (tests/data/test_image_folder.py::test_finetune_config_on_image_folder).
+RUN_ELSEWHERE = ("default", "nfnet_finetune")
+
+
 def test_every_config_runs_one_step(tmp_path):
-  """All configs' smoke forms, end to end (ImageNet and CIFAR-10 mocked)."""
-  results = testing.smoke_all(str(tmp_path), CONFIGS)
-  assert sorted(results) == sorted(NAMES)
+  """The other configs' smoke forms, end to end (ImageNet mocked)."""
+  paths = [p for p, n in zip(CONFIGS, NAMES) if n not in RUN_ELSEWHERE]
+  results = testing.smoke_all(str(tmp_path), paths)
+  assert sorted(results) == sorted(set(NAMES) - set(RUN_ELSEWHERE))
   for name, metrics in results.items():
     for key in ("top1", "top5", "loss", "ema_top1"):
       assert math.isfinite(metrics[key]), (name, key)
-    # Mock data: 32 examples a split; the digits: 360 test images.
-    assert metrics["count"] == (360 if name == "default" else 32), name
+    assert metrics["count"] == 32, name  # Mock data: 32 examples a split.
     assert testing.checkpoint_steps(str(tmp_path / name)) == [1], name

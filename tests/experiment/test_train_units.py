@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from nfnets_jax.experiment import checkpoint_io as checkpointing
+from nfnets_jax.experiment import checkpoint_io
 from nfnets_jax.experiment import config_schema
 from nfnets_jax.experiment import inputs
 from nfnets_jax.experiment import logging as run_logging
@@ -101,7 +101,7 @@ def test_checkpointer_round_trip_keeps_last_k(tmp_path):
       params=params, model_state={}, opt_state=jax.device_get(tx.init(params)),
       ema_params=params, ema_model_state={}, step=np.asarray(0, np.int32),
       rng=np.asarray(jax.random.PRNGKey(3)))
-  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  ckpt = checkpoint_io.Checkpointer(str(tmp_path), max_to_keep=2)
   for step in (1, 2, 3):
     ckpt.save(step, state._replace(step=np.asarray(step, np.int32)),
               [{"0": {"pos": step}}])

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import nfnets_jax as nj
-from nfnets_jax.cpu import compiler as fast_compile
+from nfnets_jax.cpu import compiler
 from nfnets_jax.models import fixup_resnet
-from nfnets_jax.models import stats as model_stats
-from nfnets_jax.models import families as models
+from nfnets_jax.models import stats
+from nfnets_jax.models import families
 from nfnets_jax.models import nf_regnet
 from nfnets_jax.models import nf_resnet
 from nfnets_jax.models import resnet
@@ -55,7 +55,7 @@ def forward(request):
   f = hk.transform_with_state(
       lambda x, t, m=False: ctor(NUM_CLASSES, **kwargs)(x, t, m))
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  params, state = fast_compile.run_once(
+  params, state = compiler.run_once(
       lambda rng, x: f.init(rng, x, True), jax.random.key(1), x)
   # Non-zero skip gains and scalar biases so every branch contributes.
   params = jax.tree.map(lambda p: p + 0.1 if p.ndim == 0 else p, params)
@@ -73,7 +73,7 @@ def forward(request):
   # One program compiled without LLVM optimization: 3-4x faster to compile
   # on CPU (the train-mode RNG kernels), same program.
   args = (params, state, jax.random.key(2), x, x_train)
-  outs = fast_compile.run_once(run, *args)
+  outs = compiler.run_once(run, *args)
   return dict(name=request.param, params=params, state=state, outs=outs,
               num_blocks=num_blocks, has_state=has_state)
 
@@ -143,8 +143,8 @@ TIMM_COUNTS = {
 
 
 def _count(build, image_size=64):
-  params, _ = model_stats.init_shapes(lambda x: build()(x, True), image_size)
-  return model_stats.count_params(params)
+  params, _ = stats.init_shapes(lambda x: build()(x, True), image_size)
+  return stats.count_params(params)
 
 
 @pytest.mark.parametrize("timm_name", sorted(TIMM_LAYOUT))
@@ -173,7 +173,7 @@ def test_official_layouts_add_one_skip_gain_per_block():
 
 
 def _names(ctor, **kwargs):
-  params, _ = model_stats.init_shapes(
+  params, _ = stats.init_shapes(
       lambda x: ctor(10, **kwargs)(x, True), 32)
   return {k: set(v) for k, v in params.items()}
 
@@ -213,7 +213,7 @@ def test_nf_regnet_names_mirror_official():
     assert names[f"{root}{b}/~/squeeze_excite/~/linear_1"] == {"w", "b"}
   assert root + "nf_block_2/~/conv_shortcut" not in names
   assert len(names) == 3 + 3 * 6 + 2  # stem, head, blocks, 2 shortcuts.
-  params, _ = model_stats.init_shapes(
+  params, _ = stats.init_shapes(
       lambda x: nf_regnet.NFRegNet(1000, "B0")(x, True), 32)
   # Official B0: 0.75 * 48 = 36 stem channels; first block expansion 1,
   # rounded down to whole groups of 8.
@@ -283,9 +283,9 @@ def test_unknown_variant_raises(ctor, kwargs, match):
 def test_registry_builds_every_family():
   for name in ("NFResNet", "NFRegNet", "ResNet", "SkipInitResNet",
                "FixupResNet"):
-    assert name in models.MODELS
-  params, _ = model_stats.init_shapes(
-      lambda x: models.build_model("NFResNet", 10, depth=26)(x, True), 32)
+    assert name in families.MODELS
+  params, _ = stats.init_shapes(
+      lambda x: families.build_model("NFResNet", 10, depth=26)(x, True), 32)
   assert "NF_ResNet/~/nf_res_block_7" in params
 
 
@@ -298,9 +298,9 @@ def _measure(ctor, kwargs, depths, alphas, batch=16):
   fns = [hk.transform(lambda x, a=a: ctor(10, alpha=a, **kwargs)(
       x, False, True)) for a in alphas]
   x = jax.random.normal(jax.random.key(3), (batch, 32, 32, 3))
-  params = fast_compile.run_once(fns[0].init, jax.random.key(0), x[:1])
+  params = compiler.run_once(fns[0].init, jax.random.key(0), x[:1])
   params = signal_utils.set_skip_gains(params, 1.0)
-  outs = fast_compile.run_once(
+  outs = compiler.run_once(
       lambda p, x: [f.apply(p, None, x) for f in fns], params, x)
   return [signal_utils.block_arrays(o, sum(depths)) for o in outs]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nfnets_jax as nj
-from nfnets_jax.models import stats as model_stats
+from nfnets_jax.models import stats
 from nfnets_jax.models import nfnet
 
 # Table 1 of Brock et al. 2021 (ICML): parameters (M) and FLOPs (B, MACs at the
@@ -29,7 +29,7 @@ def _eval_fn(variant, **kw):
 def test_params_and_flops_match_paper(variant):
   params_m, flops_b = PAPER[variant]
   fn = _eval_fn(variant)
-  params, state = model_stats.init_shapes(fn, 64)
+  params, state = stats.init_shapes(fn, 64)
   assert state == {}
   assert round(nj.count_params(params) / 1e6, 1) == params_m
   flops = nj.count_flops(fn, nfnet.NFNET_VARIANTS[variant].test_imsize)
@@ -44,7 +44,7 @@ def test_flops_count_conv_and_dense_macs_not_weight_standardization():
 
 
 def test_f0_parameter_names_mirror_official_release():
-  params, _ = model_stats.init_shapes(_eval_fn("F0"), 64)
+  params, _ = stats.init_shapes(_eval_fn("F0"), 64)
   assert nj.count_params(params) == 71_489_284
   stem = {f"NFNet/~/stem_conv{i}" for i in range(4)}
   blocks = {"NFNet/~/nf_block"} | {f"NFNet/~/nf_block_{i}" for i in range(1, 12)}
@@ -89,7 +89,7 @@ def test_stochastic_depth_rate_grows_linearly_with_block_index():
                  for b in net.blocks)
     return net(x, is_training=False)
 
-  model_stats.init_shapes(fn, 32)
+  stats.init_shapes(fn, 32)
   np.testing.assert_allclose(rates, [0.25 * i / 5 for i in range(5)])
 
 
@@ -97,7 +97,7 @@ def _signal(x, skip_gain=1.0):
   f = hk.transform_with_state(lambda x: nj.NFNet(
       10, SMALL, group_size=16, stochdepth_rate=0.0)(
           x, is_training=False, return_metrics=True))
-  params, state = f.init(jax.random.key(0), x)
+  params, state = jax.jit(f.init)(jax.random.key(0), x)
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: jnp.full_like(p, skip_gain)
       if path[-1].key == "skip_gain" else p, params)
@@ -130,18 +130,27 @@ def test_signal_propagation_within_a_stage():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_jit_forward_in_float32_and_bfloat16(dtype):
+def test_jit_forward_in_float32_and_bfloat16():
   f = hk.transform_with_state(
       lambda x, t: nj.NFNet(7, SMALL, group_size=16, drop_rate=0.5)(x, t))
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params, state = f.init(jax.random.key(1), x, True)
-  apply = jax.jit(f.apply, static_argnums=4)
-  out, _ = apply(params, state, jax.random.key(2), x.astype(dtype), True)
+  params, state = jax.jit(f.init, static_argnums=2)(jax.random.key(1), x,
+                                                     True)
+
+  @jax.jit
+  def forwards(params, state, x):
+    """Train mode in bfloat16; eval mode in float32 and bfloat16."""
+    low = x.astype(jnp.bfloat16)
+    train, _ = f.apply(params, state, jax.random.key(2), low, True)
+    ref, _ = f.apply(params, state, None, x, False)
+    low, _ = f.apply(params, state, None, low, False)
+    return train, ref, low
+
+  train, ref, low = forwards(params, state, x)
   # Convolutions run in the input dtype; the classifier in float32.
-  assert out["pool"].dtype == dtype
-  assert out["logits"].shape == (2, 7) and out["logits"].dtype == jnp.float32
-  ref, _ = apply(params, state, None, x, False)
-  low, _ = apply(params, state, None, x.astype(dtype), False)
-  np.testing.assert_allclose(low["logits"].astype(jnp.float32), ref["logits"],
-                             atol=0.05 if dtype == jnp.bfloat16 else 1e-6)
+  for out, dtype in ((train, jnp.bfloat16), (ref, jnp.float32),
+                     (low, jnp.bfloat16)):
+    assert out["pool"].dtype == dtype
+    assert out["logits"].shape == (2, 7)
+    assert out["logits"].dtype == jnp.float32
+  np.testing.assert_allclose(low["logits"], ref["logits"], atol=0.05)

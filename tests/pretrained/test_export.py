@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nfnets_jax as nj
-from nfnets_jax.pretrained import create as builder
+from nfnets_jax.pretrained import create
 from nfnets_jax.pretrained import export as exporting
 from nfnets_jax.pretrained import registry
 
@@ -40,7 +40,7 @@ def test_round_trip_at_two_batch_sizes(tiny_model, tmp_path):
   assert loaded.batch_size is None and loaded.num_classes == 5
   assert loaded.label_names == ("a", "b", "c", "d", "e")
   assert loaded.data_config == tiny_model.data_config
-  assert builder.detect_format(path) == "exported"
+  assert create.detect_format(path) == "exported"
   with pytest.raises(ValueError, match="exported model"):
     nj.create_model("nfnet_f0", pretrained=path)
 

@@ -22,7 +22,7 @@ from nfnets_jax.models import families
 from nfnets_jax.models import nfnet
 from nfnets_jax.models import stats
 from nfnets_jax.pretrained import checks as param_checks
-from nfnets_jax.pretrained import create as builder
+from nfnets_jax.pretrained import create
 from nfnets_jax.pretrained import official as pretrained
 from nfnets_jax.pretrained import registry
 from nfnets_jax.pretrained import timm as timm_weights
@@ -47,9 +47,9 @@ def rel_diff(a, b):
 def tiny_npz(tmp_path, num_classes=10, name="tiny.npz", **kwargs):
   """A randomly initialised tiny NFNet saved as a safe .npz."""
   net = families.make_network("NFNet", {**TINY_KW, **kwargs}, num_classes)
-  params, _ = net.init(jax.random.PRNGKey(3), np.zeros((1, 16, 16, 3),
-                                                        np.float32),
-                       is_training=False)
+  params, _ = jax.jit(net.init, static_argnames="is_training")(
+      jax.random.PRNGKey(3), np.zeros((1, 16, 16, 3), np.float32),
+      is_training=False)
   return pretrained.save_npz(jax.device_get(params), tmp_path / name), params
 
 
@@ -144,8 +144,9 @@ def test_random_init_model_is_callable_and_trainable():
   assert logits.shape == (2, 7) and model.num_classes == 7
   assert model.label_names is None
   # `net` is the training form: apply with is_training=True works.
-  outputs, _ = model.net.apply(model.params, model.state,
-                               jax.random.PRNGKey(0), x, is_training=True)
+  apply = jax.jit(model.net.apply, static_argnames="is_training")
+  outputs, _ = apply(model.params, model.state, jax.random.PRNGKey(0), x,
+                     is_training=True)
   assert outputs["logits"].shape == (2, 7)
   assert nj.create_model("nfnet_f0", **TINY_KW).label_names[0] == (
       "n01440764")  # TFDS's ImageNet synsets for 1000 classes.
@@ -215,12 +216,12 @@ def test_detect_format(tmp_path):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file({"stem.conv1.weight": np.zeros((2, 3, 3, 3), np.float32)},
             str(tmp_path / "w.safetensors"))
-  assert builder.detect_format(path) == "npz"
-  assert builder.detect_format(pickled) == "official"
-  assert builder.detect_format(tmp_path / "w.safetensors") == "timm"
-  assert builder.detect_format(tmp_path) == "workdir"
+  assert create.detect_format(path) == "npz"
+  assert create.detect_format(pickled) == "official"
+  assert create.detect_format(tmp_path / "w.safetensors") == "timm"
+  assert create.detect_format(tmp_path) == "workdir"
   with pytest.raises(FileNotFoundError, match="nope"):
-    builder.detect_format(tmp_path / "nope")
+    create.detect_format(tmp_path / "nope")
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_dm_nfnet_f0_from_timm_safetensors_gives_timms_logits(timm_f0):
   assert diff <= RTOL
   assert np.array_equal(got.argmax(1), want.argmax(1))
   # Without a name the timm format says dm_nfnet_f0.
-  assert builder.load_checkpoint(path).spec.name == "dm_nfnet_f0"
+  assert create.load_checkpoint(path).spec.name == "dm_nfnet_f0"
 
 
 def test_torch_pth_and_safetensors_load_the_same_params(timm_f0, tmp_path):
@@ -257,8 +258,8 @@ def test_torch_pth_and_safetensors_load_the_same_params(timm_f0, tmp_path):
   model, path, _, _ = timm_f0
   pth = tmp_path / "weights.ckpt"  # Told by content (a torch zip).
   torch.save({"state_dict": model.state_dict()}, str(pth))
-  assert builder.detect_format(pth) == "timm"
-  a, b = builder.load_checkpoint(pth), builder.load_checkpoint(path)
+  assert create.detect_format(pth) == "timm"
+  a, b = create.load_checkpoint(pth), create.load_checkpoint(path)
   assert a.spec.name == b.spec.name == "dm_nfnet_f0"
   checkpoint_files.assert_params_equal(a.params, b.params)
 
@@ -304,16 +305,17 @@ def test_workdir_loads_the_newest_ema_params(reference_run, tmp_path):
                             saved["params"]["NFNet/~/linear"]["w"])
   x = np.random.default_rng(2).standard_normal((3, 16, 16, 3), np.float32)
   net = families.make_network(model.family, model.model_kwargs, 10)
-  want, _ = net.apply(saved["ema_params"], saved["model_state"] or {}, None,
-                      x, is_training=False)
+  want, _ = jax.jit(net.apply, static_argnames="is_training")(
+      saved["ema_params"], saved["model_state"] or {}, None, x,
+      is_training=False)
   np.testing.assert_allclose(model(x), want["logits"], rtol=1e-5, atol=1e-6)
-  raw = builder.load_workdir(reference_run, use_ema=False, step=6)
+  raw = create.load_workdir(reference_run, use_ema=False, step=6)
   assert raw.step == 6 and not raw.ema
   # Class names of an image-folder run.
   copy = tmp_path / "run"
   shutil.copytree(reference_run, copy)
   names = [f"class_{i}" for i in range(10)]
-  (copy / builder.CLASS_NAMES_FILE).write_text(json.dumps(names))
+  (copy / create.CLASS_NAMES_FILE).write_text(json.dumps(names))
   assert nj.create_model(pretrained=copy).label_names == tuple(names)
 
 
@@ -376,9 +378,9 @@ def test_initial_state_reads_any_format_and_replaces_the_head(tmp_path):
   config.workdir = str(tmp_path / "run")
   net = families.make_network("NFNet", config.model.kwargs.to_dict(), 1000)
   size = config.train.image_size
-  params, _ = net.init(jax.random.PRNGKey(0),
-                       np.zeros((1, size, size, 3), np.float32),
-                       is_training=True)
+  params, _ = jax.jit(net.init, static_argnames="is_training")(
+      jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32),
+      is_training=True)
   params = jax.device_get(params)
   path = tmp_path / "F0_haiku.npz"  # Official layout: a dill-style pickle.
   path.write_bytes(checkpoint_files.old_haiku_pickle(params))
