@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true"]).strip()
 
+import filelock
 import pytest
 
 import checkpoint_files
@@ -22,16 +23,25 @@ if train_harness.REPO not in sys.path:
   sys.path.insert(0, train_harness.REPO)
 
 
+def _session_root(tmp_path_factory) -> str:
+  """The session's base directory, shared by `pytest -n` workers."""
+  root = tmp_path_factory.getbasetemp()
+  return str(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   """One persistent compilation cache for every subprocess of the session."""
-  return train_harness.session_dirs(str(tmp_path_factory.getbasetemp()))[0]
+  return train_harness.session_dirs(_session_root(tmp_path_factory))[0]
 
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-  """The uninterrupted 1-device tiny run other runs are compared with."""
-  return train_harness.reference_run(str(tmp_path_factory.getbasetemp()))
+  """The uninterrupted 1-device tiny run other runs are compared with (made
+  by the first worker that needs it; the others wait for it)."""
+  root = _session_root(tmp_path_factory)
+  with filelock.FileLock(os.path.join(root, "reference_run.lock")):
+    return train_harness.reference_run(root)
 
 
 @pytest.fixture(scope="session")
