@@ -84,11 +84,20 @@ class RunLogger:
     else:
       print(message, flush=True)
 
+  def finish(self, message: str) -> None:
+    """Closes the progress bar, then prints `message` as the run's last line."""
+    self._close_bar()
+    self.info(message)
+
   def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
+    self._close_bar()
     if self._tb is not None:
       self._tb.close()
+
+  def _close_bar(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:

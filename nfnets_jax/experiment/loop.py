@@ -385,7 +385,7 @@ def run(config: Any) -> dict[str, float]:
       raise BadImageError(err, spec.total_steps, spec.total_steps,
                           c.checkpointer.directory) from err
     c.logger.write(spec.total_steps, "eval", metrics, echo=False)
-    c.logger.info(final_line(spec.total_steps, metrics))
+    c.logger.finish(final_line(spec.total_steps, metrics))
     return metrics
   finally:
     c.checkpointer.close()

@@ -1,6 +1,8 @@
 """Unit tests of the loop's pieces (in-process, one CPU device, no training)."""
+import io
 import os
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +148,19 @@ def test_run_logger_writes_json_lines(tmp_path):
   assert records[0]["loss"] == 1.5
   assert _event_scalars(tmp_path / "tensorboard") == [
       ("train/loss", 1, 1.5), ("train/top1", 1, 0.25), ("eval/top1", 2, 0.5)]
+
+
+def test_run_logger_ends_with_the_final_line_below_the_progress_bar(
+    tmp_path, monkeypatch):
+  terminal = io.StringIO()  # stdout and stderr, as one terminal shows them.
+  monkeypatch.setattr(sys, "stdout", terminal)
+  monkeypatch.setattr(sys, "stderr", terminal)
+  logger = run_logging.RunLogger(str(tmp_path), enabled=True, total_steps=2,
+                                 initial_step=0, progress_bar=True,
+                                 tensorboard=False)
+  logger.advance(2)
+  logger.finish("final evaluation at step 2")
+  logger.close()
+  lines = terminal.getvalue().replace("\r", "\n").splitlines()
+  assert "2/2" in "".join(lines)  # The bar was drawn ...
+  assert lines[-1] == "final evaluation at step 2"  # ... and closed above.
