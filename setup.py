@@ -30,8 +30,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
                  "torchvision==0.29.1", "timm>=1.0", "portpicker>=1.6",
-                 "dill>=0.3.8", "pytest-xdist>=3.5",
-                 "filelock>=3.12"],
+                 "dill>=0.3.8", "pytest-xdist>=3.5", "filelock>=3.12",
+                 # AGC's Flax and Equinox layouts are tested with them.
+                 "flax==0.12.8", "equinox==0.13.8"],
     },
     entry_points={
         "console_scripts": ["nfnets-train=nfnets_jax.cli.train:main",

@@ -1,11 +1,14 @@
 """`nfnets-predict`: classify image files with a pretrained model.
 
-Each image is read with PIL (grey, palette and RGBA become RGB),
-preprocessed exactly as the evaluation pipeline does (`DataConfig.
-preprocess`: bicubic resize to test size + crop padding, center crop,
-ImageNet normalization) and classified; one line per image gives its top-k
-labels with softmax probabilities. An image that cannot be read is named on
-stderr, the others are still classified, and the exit status is then 1.
+Each image is read as the RGB picture a person sees (`data.images.
+read_rgb`: 16-bit scaled to 8 bits, transparency over white, EXIF
+orientation applied), preprocessed exactly as the evaluation pipeline does
+(`DataConfig.preprocess`: bicubic resize to test size + crop padding, center
+crop, ImageNet normalization) and classified; one line per image gives its top-k
+labels with softmax probabilities. An image that cannot be read, or is over
+PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), is named on
+stderr in one line, the others are still classified, and the exit status is
+then 1.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from nfnets_jax.cli import errors
 from nfnets_jax.cpu import malloc
+from nfnets_jax.data import images
 from nfnets_jax.pretrained import create
 from nfnets_jax.pretrained import export
 
@@ -40,8 +44,13 @@ a workdir's config, an export); --model names it otherwise or overrides it
 Labels: the ImageNet synsets for 1000-class models, the class folder names
 of a model fine-tuned on an image folder, indices otherwise.
 
-Exit status: 0; 1 when some image could not be read (each is named on
-stderr, the others are classified); 2 for a bad checkpoint or argument.
+Images: any file PIL reads; 16-bit images are scaled to 8 bits, transparent
+pixels shown over white, EXIF orientation applied. An image over PIL's
+decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) is refused unread.
+
+Exit status: 0; 1 when some image could not be read or was refused (each is
+named on stderr, the others are classified); 2 for a bad checkpoint or
+argument.
 
 examples:
   {PROG} --pretrained F0_haiku.npz cat.jpg dog.png
@@ -74,19 +83,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def read_image(path: str) -> np.ndarray:
-  """An image file as uint8 `[H, W, 3]` RGB (grey/palette/RGBA converted).
+  """An image file as uint8 `[H, W, 3]` RGB: `data.images.read_rgb`.
 
   Raises:
-    OSError: unreadable or not an image (PIL's own errors).
+    images.ImageDecodeError: naming the path; `images.ImageTooLargeError`
+      for an image over PIL's decompression-bomb limit.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as image:
-    if image.mode in ("RGBA", "LA", "P"):
-      # Transparent pixels over white, not over PIL's black default.
-      rgba = image.convert("RGBA")
-      canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-      image = Image.alpha_composite(canvas, rgba)
-    return np.asarray(image.convert("RGB"), np.uint8)
+  return images.read_rgb(path)
 
 
 def load_predictor(pretrained: str, model_name: str | None) -> Any:
@@ -152,11 +155,13 @@ def run(argv: Sequence[str] | None = None) -> int:
   paths, inputs, failed = [], [], 0
   for path in args.images:
     try:
-      inputs.append(predictor.data_config.preprocess(read_image(path)))
-      paths.append(path)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's decode errors.
+      image = read_image(path)
+    except images.ImageDecodeError as e:  # Undecodable or too large.
       failed += 1
-      print(f"{PROG}: cannot read image {path}: {e}", file=sys.stderr)
+      print(f"{PROG}: cannot read image {path}: {e.reason}", file=sys.stderr)
+      continue
+    inputs.append(predictor.data_config.preprocess(image))
+    paths.append(path)
   if inputs:
     probs = classify(predictor, inputs, args.batch_size)
     k = min(args.top_k, probs.shape[1])

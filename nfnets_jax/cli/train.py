@@ -10,9 +10,11 @@ misspelt field fails, naming the closest fields); `:smoke` after a config
 path selects its one-step, tiny-model variant. `--help` lists the flags, the
 common overrides and the configs found; bad input is one message (exit 2),
 with the traceback under `--verbose` or `NFNETS_VERBOSE=1`. Running again with the same workdir resumes from its
-newest checkpoint. Exit status: 0 done, 2 invalid config or an image that
-cannot be decoded (a checkpoint was saved), 3 non-finite loss, 130
-interrupted (a checkpoint was saved).
+newest checkpoint; one run at a time holds a workdir (a second one exits
+2, naming the first); a finished workdir prints its recorded result
+(`--reevaluate` evaluates again). Exit status: 0 done, 2 invalid config, a
+workdir in use or an image that cannot be decoded (a checkpoint was saved),
+3 non-finite loss, 130 interrupted (a checkpoint was saved).
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
     "events and the resolved config; an existing run there is resumed.")
+_REEVALUATE = flags.DEFINE_bool(
+    "reevaluate", False, "On a finished workdir, evaluate the final state "
+    "again (recorded as a 'reeval' record of metrics.jsonl); without it, a "
+    "finished run prints its recorded final evaluation.")
 flags.DEFINE_bool(
     "verbose", False, "Show the Python traceback of an error (or set "
     f"{errors.VERBOSE_ENV}=1).")
@@ -50,13 +56,14 @@ def _train() -> int:
   from nfnets_jax.experiment import checkpoint_io
   from nfnets_jax.experiment import config_validation
   from nfnets_jax.experiment import loop
+  from nfnets_jax.experiment import workdir_lock
   # pylint: enable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
   config = _CONFIG.value
   config.workdir = _WORKDIR.value
   try:
-    loop.run(config)
+    loop.run(config, reevaluate=_REEVALUATE.value)
   except config_validation.ConfigError as err:
     errors.report(PROG, err, verbose=errors.verbose_requested())
     return EXIT_BAD_CONFIG
@@ -67,7 +74,8 @@ def _train() -> int:
     print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   except (checkpoint_io.NoIntactCheckpointError,
-          checkpoint_io.CheckpointMismatchError) as err:
+          checkpoint_io.CheckpointMismatchError,
+          workdir_lock.WorkdirLockedError) as err:
     print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_BAD_CONFIG
   except loop.Interrupted as err:

@@ -10,7 +10,8 @@ folder, fed by grain.
 """
 
 from nfnets_jax.data.image_folder import IMAGE_FOLDER
-from nfnets_jax.data.image_folder import ImageDecodeError
+from nfnets_jax.data.images import ImageDecodeError
+from nfnets_jax.data.images import ImageTooLargeError
 from nfnets_jax.data.pipeline import Augment
 from nfnets_jax.data.pipeline import load
 from nfnets_jax.data.pipeline import parse_augment
@@ -24,6 +25,6 @@ from nfnets_jax.data.sources import SplitRange
 
 __all__ = (
     'Augment', 'DIGITS', 'DatasetInfo', 'IMAGE_FOLDER', 'ImageDecodeError',
-    'MEAN_RGB', 'STDDEV_RGB', 'Split', 'SplitRange', 'dataset_info', 'load',
+    'ImageTooLargeError', 'MEAN_RGB', 'STDDEV_RGB', 'Split', 'SplitRange', 'dataset_info', 'load',
     'parse_augment',
 )

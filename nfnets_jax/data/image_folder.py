@@ -1,4 +1,4 @@
-"""Image folders: one sub-folder per class, images decoded with PIL on read.
+"""Image folders: one sub-folder per class, images read on demand.
 
 Two layouts of `ROOT` (`config.dataset.data_dir`):
 
@@ -14,7 +14,9 @@ Class names are the class folder names, sorted (label = index), as
 torchvision's `ImageFolder`. Images are the files, at any depth inside a
 class folder, whose extension is one of `IMAGE_EXTENSIONS` (any case);
 hidden files and folders (name starting with '.') and other files are
-ignored. Grey, palette and RGBA images become RGB (alpha dropped).
+ignored. Images are read by `images.read_rgb` (16-bit scaled to 8 bits,
+transparency over white, EXIF orientation applied; images over PIL's
+decompression-bomb limit refused by name).
 
 Each base set ('train', 'valid', 'test') is a list of `(path, label)` in a
 fixed order: sorted by class and path, then permuted with a fixed seed, so
@@ -28,7 +30,8 @@ import functools
 import os
 
 import numpy as np
-from PIL import Image
+
+from nfnets_jax.data import images
 
 IMAGE_FOLDER = 'image_folder'
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.webp')
@@ -39,18 +42,6 @@ VALID_FOLDERS = ('val', 'validation')
 TEST_FOLDER = 'test'
 # Seed of the fixed order of each base set (independent of the run's seed).
 _ORDER_SEED = 0
-
-
-class ImageDecodeError(ValueError):
-  """An image file of the dataset could not be read or decoded."""
-
-  def __init__(self, path: str, reason: str):
-    self.path = path
-    self.reason = reason
-    super().__init__(f'cannot decode image {path!r}: {reason}')
-
-  def __reduce__(self):  # Survives pickling by grain worker processes.
-    return type(self), (self.path, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,23 +209,6 @@ def scan(root: str | None) -> FolderDataset:
       'test': evals.get(TEST_FOLDER, valid)})
 
 
-def decode(path: str) -> np.ndarray:
-  """Reads one image file as uint8 `[H, W, 3]` RGB.
-
-  Raises:
-    ImageDecodeError: naming the path, when the file cannot be read or
-      decoded (missing, truncated, not an image).
-  """
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'), np.uint8)
-  # PIL reports bad files as OSError (incl. UnidentifiedImageError),
-  # ValueError, SyntaxError or its DecompressionBombError.
-  except (OSError, ValueError, SyntaxError,
-          Image.DecompressionBombError) as e:
-    raise ImageDecodeError(path, f'{type(e).__name__}: {e}') from e
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageFolderSource:
   """Random access to `(path, label)` pairs, decoding on read.
@@ -248,5 +222,5 @@ class ImageFolderSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {'image': decode(self.paths[index]),
+    return {'image': images.read_rgb(self.paths[index]),
             'label': np.int32(self.labels[index])}

@@ -1,8 +1,10 @@
 """Run logging: a progress bar, JSON-lines metrics, optional TensorBoard.
 
 Only process 0 writes. `metrics.jsonl` in the workdir gets one JSON object
-per line: `{"step": int, "split": "train" | "eval", "time": unix seconds,
-<metric>: float, ...}`. TensorBoard scalars go under
+per line: `{"step": int, "split": "train" | "eval" | "reeval", "time": unix
+seconds, <metric>: float, ...}`, each (split, step) once: a resumed run
+first moves the records after its checkpoint's step to
+`metrics.set_aside.jsonl` (`RunLogger.start`). TensorBoard scalars go under
 `workdir/tensorboard/`, written by tensorboardX (no TensorFlow needed).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+SET_ASIDE_FILE = "metrics.set_aside.jsonl"
 _BAR_KEYS = (("loss", "loss"), ("top1", "acc"), ("learning_rate", "lr"),
              ("images_per_sec", "img/s"))
 
@@ -25,25 +28,73 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunLogger:
-  """Writes metrics on process 0; a no-op elsewhere."""
+  """Writes metrics on process 0; a no-op elsewhere.
+
+  `start(step)` begins a run's logging at its first step: 0, or the step of
+  the checkpoint it resumed from.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool, total_steps: int,
-               initial_step: int, progress_bar: bool, tensorboard: bool):
+               progress_bar: bool, tensorboard: bool):
     self.enabled = enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.set_aside_path = os.path.join(workdir, SET_ASIDE_FILE)
+    self._total_steps = total_steps
+    self._progress_bar = progress_bar
+    self._tensorboard = tensorboard
     self._bar = None
     self._tb = None
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    if progress_bar:
-      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+
+  def start(self, step: int) -> list[dict]:
+    """Begins logging at `step` (0, or the restored checkpoint's step).
+
+    Records of `metrics.jsonl` after `step` (a run that went on past its
+    newest checkpoint, or ran without reaching one) are moved to
+    `metrics.set_aside.jsonl`, each with `"set_aside_at": step`, so that
+    every (split, step) appears once in `metrics.jsonl`. TensorBoard is told
+    to drop the events after `step` (tensorboardX's `purge_step`, applied by
+    TensorBoard when it reads the event files; the files keep them).
+
+    Returns:
+      The records kept (all splits), on process 0; [] elsewhere.
+    """
+    if not self.enabled:
+      return []
+    kept = self._cut_back(step)
+    if self._progress_bar:
+      self._bar = tqdm.tqdm(total=self._total_steps, initial=step,
                             unit="step", dynamic_ncols=True)
-    if tensorboard:
+    if self._tensorboard:
       # Imported here: it takes seconds, and most runs do not ask for it.
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, "tensorboard"))
+          os.path.join(self.workdir, "tensorboard"),
+          purge_step=step + 1 if step else None)
+    return kept
+
+  def _cut_back(self, step: int) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    records = read_metrics(self.workdir)
+    kept = [r for r in records if r["step"] <= step]
+    later = [r for r in records if r["step"] > step]
+    if later:
+      # The set-aside records are on disk before metrics.jsonl loses them.
+      with open(self.set_aside_path, "a") as f:
+        for r in later:
+          f.write(json.dumps({**r, "set_aside_at": step}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+    return kept
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:

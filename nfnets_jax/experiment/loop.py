@@ -9,15 +9,16 @@
    optimizer;
 4. a fresh run reads its pretrained checkpoint, once, before anything is
    written; a resumed one does not read it;
-5. network, pmapped train/eval steps, checkpointer, logger;
-6. the state is restored from the newest checkpoint in the workdir (params,
+5. process 0 locks the workdir (`workdir_lock`: one run per workdir);
+6. network, pmapped train/eval steps, checkpointer, logger;
+7. the state is restored from the newest checkpoint in the workdir (params,
    optimizer state, EMA, step, RNG and data position) into a template
    traced with `jax.eval_shape`, or initialized;
-7. the train loop runs to `total_steps`, logging, evaluating and saving on
+8. the train loop runs to `total_steps`, logging, evaluating and saving on
    schedule; a non-finite loss stops it (the last good checkpoint stays), and
    SIGINT / SIGTERM save a checkpoint before stopping, and so does an image
    file that cannot be decoded (`BadImageError`);
-8. a final checkpoint and a final evaluation with raw and EMA weights,
+9. a final checkpoint and a final evaluation with raw and EMA weights,
    reported in one line.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import parallel
 from nfnets_jax.experiment import pretrained_start
 from nfnets_jax.experiment import train_state as ts
+from nfnets_jax.experiment import workdir_lock
 from nfnets_jax.models import families
 from nfnets_jax.models import stats
 from nfnets_jax.optim import agc
@@ -108,8 +110,7 @@ class Components(NamedTuple):
   logger: run_logging.RunLogger
 
 
-def build(config: Any, plan: config_validation.RunPlan,
-          initial_step: int = 0) -> Components:
+def build(config: Any, plan: config_validation.RunPlan) -> Components:
   """Network, pmapped steps, checkpointer and logger (creates the workdir)."""
   spec = plan.spec
   net = families.make_network(config.model.name, config.model.kwargs,
@@ -127,8 +128,7 @@ def build(config: Any, plan: config_validation.RunPlan,
           checkpoint_dir(config), config.checkpoint.max_to_keep),
       logger=run_logging.RunLogger(
           config.workdir, enabled=parallel.is_host0(),
-          total_steps=spec.total_steps, initial_step=initial_step,
-          progress_bar=config.logging.progress_bar,
+          total_steps=spec.total_steps, progress_bar=config.logging.progress_bar,
           tensorboard=config.logging.tensorboard))
 
 
@@ -339,8 +339,13 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
   return state
 
 
-def run(config: Any) -> dict[str, float]:
+def run(config: Any, *, reevaluate: bool = False) -> dict[str, float]:
   """Trains and evaluates as `config` says; returns the final eval metrics.
+
+  One run per workdir: process 0 holds an OS lock on it for the whole run
+  (`workdir_lock`). A finished workdir answers with its recorded final
+  evaluation; with `reevaluate`, it evaluates again and records that as a
+  `reeval` record.
 
   `config` itself is not changed (a fine-tuning run adopting its
   checkpoint's forward works on a copy, saved as the run's config.json).
@@ -351,15 +356,51 @@ def run(config: Any) -> dict[str, float]:
     NonFiniteLossError: the loss became NaN/Inf.
     Interrupted: SIGINT/SIGTERM (after saving a checkpoint).
     BadImageError: an image file cannot be decoded (after saving one).
+    workdir_lock.WorkdirLockedError: another live run holds the workdir.
   """
   parallel.maybe_initialize_distributed(config.distributed)
   config, adopted = pretrained_start.adopt_forward(config)
   plan = config_validation.validate(config)
-  spec = plan.spec
-  resuming = bool(checkpoint_io.checkpoint_steps(checkpoint_dir(config)))
+  # A fresh run reads its pretrained checkpoint before anything is written
+  # (a bad file leaves no workdir behind); a resumed one never reads it.
   pretrained = None
-  if config.pretrained.path and not resuming:
+  if config.pretrained.path and not _resuming(config):
     pretrained = pretrained_start.read(config)
+  lock = lock_workdir(config.workdir)
+  try:
+    return _run_locked(config, plan, adopted, pretrained, reevaluate)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _resuming(config: Any) -> bool:
+  return bool(checkpoint_io.checkpoint_steps(checkpoint_dir(config)))
+
+
+def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
+  """Process 0 locks the workdir for the run; every process learns if it
+  could (`WorkdirLockedError` on all of them if not).
+
+  Returns:
+    The held lock on process 0, None on the others.
+  """
+  lock = workdir_lock.WorkdirLock(workdir) if parallel.is_host0() else None
+  holder = lock.try_acquire() if lock is not None else None
+  holder = parallel.allgather_json(holder)[0]
+  if holder is not None:
+    raise workdir_lock.WorkdirLockedError(workdir, holder)
+  return lock
+
+
+def _run_locked(config: Any, plan: config_validation.RunPlan,
+                adopted: dict[str, Any],
+                pretrained: create.Checkpoint | None,
+                reevaluate: bool) -> dict[str, float]:
+  spec = plan.spec
+  resuming = _resuming(config)  # Again, now that the workdir is ours.
+  if config.pretrained.path and not resuming and pretrained is None:
+    pretrained = pretrained_start.read(config)  # Its checkpoints went.
   c = build(config, plan)
   try:
     if adopted:
@@ -374,7 +415,14 @@ def run(config: Any) -> dict[str, float]:
     start = int(host_state.step)
     if parallel.is_host0():
       _write_run_info(config, spec, host_state, c.logger)
-    c.logger.advance(start)
+    kept = c.logger.start(start)
+    # A finished run (its final evaluation recorded) is not evaluated
+    # again unless asked; every process learns process 0's answer.
+    done = parallel.allgather_json(_final_record(kept, spec.total_steps))[0]
+    if done is not None and not reevaluate:
+      c.logger.finish(final_line(spec.total_steps, done)
+                      + " (recorded: the run had finished)")
+      return done
     state = parallel.replicate(host_state, c.mesh)
     del host_state
     stream = inputs.TrainStream(config, spec, position)
@@ -384,12 +432,23 @@ def run(config: Any) -> dict[str, float]:
     except data_lib.ImageDecodeError as err:  # Saved by train_loop.
       raise BadImageError(err, spec.total_steps, spec.total_steps,
                           c.checkpointer.directory) from err
-    c.logger.write(spec.total_steps, "eval", metrics, echo=False)
-    c.logger.finish(final_line(spec.total_steps, metrics))
+    split = "reeval" if done is not None else "eval"
+    c.logger.write(spec.total_steps, split, metrics, echo=False)
+    c.logger.finish(final_line(spec.total_steps, metrics)
+                    + (" (re-evaluated)" if done is not None else ""))
     return metrics
   finally:
     c.checkpointer.close()
     c.logger.close()
+
+
+def _final_record(records: list[dict], total_steps: int
+                  ) -> dict[str, float] | None:
+  """The metrics of the recorded final evaluation, if there is one."""
+  for r in records:
+    if r["split"] == "eval" and r["step"] == total_steps:
+      return {k: v for k, v in r.items() if k not in ("step", "split", "time")}
+  return None
 
 
 def final_line(step: int, metrics: dict[str, float]) -> str:

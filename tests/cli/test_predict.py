@@ -180,3 +180,36 @@ def test_workdir_with_class_names_in_a_subprocess(reference_run, image_files,
     assert t["label"] == names[t["index"]]
   others = np.delete(probs, [t["index"] for t in top])
   assert min(t["prob"] for t in top) >= others.max() - 1e-6
+
+
+def _blank_png(path, side):
+  """A valid all-black 1-bit `side`x`side` PNG, a few tens of KB."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, payload):
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload)))
+  packer = zlib.compressobj()
+  row = bytes(1 + (side + 7) // 8)  # Filter byte + packed bits.
+  idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+  header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_image_over_the_pixel_limit_is_refused_others_classified(
+    exported, image_files, capsys, tmp_path):
+  _, path = exported
+  big = str(tmp_path / "huge.png")
+  _blank_png(big, 20000)  # 400M pixels: PIL raises DecompressionBombError.
+  good = image_files["rgb.png"]
+  status, out, err = run(["--pretrained", str(path), "--json", big, good],
+                         capsys)
+  assert status == predict.EXIT_UNREADABLE == 1
+  assert [json.loads(line)["path"] for line in out.splitlines()] == [good]
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert err.startswith(f"nfnets-predict: cannot read image {big}: ")
+  assert "400000000 pixels" in err
+  assert str(Image.MAX_IMAGE_PIXELS) in err

@@ -22,6 +22,7 @@ from nfnets_jax import data
 from nfnets_jax.cli import predict
 from nfnets_jax.cli import train
 from nfnets_jax.data import image_folder
+from nfnets_jax.data import images
 from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.pretrained import create
@@ -206,7 +207,7 @@ def test_decode_gives_rgb_uint8(tmp_path, mode, fmt):
   options = {'WEBP': {'lossless': True},
              'JPEG': {'quality': 95, 'subsampling': 0}}.get(fmt, {})
   image.save(path, fmt, **options)
-  decoded = image_folder.decode(path)
+  decoded = images.read_rgb(path)
   assert decoded.dtype == np.uint8 and decoded.shape == (16, 16, 3)
   expected = np.asarray(image.convert('RGB'))
   if fmt == 'JPEG':  # Lossy: close to the original, not equal.
@@ -227,7 +228,7 @@ def test_undecodable_file_names_its_path(tmp_path, content):
   with open(path, 'wb') as f:
     f.write(content)
   with pytest.raises(data.ImageDecodeError) as err:
-    image_folder.decode(path)
+    images.read_rgb(path)
   assert err.value.path == path and repr(path) in str(err.value)
   # grain worker processes pickle errors: the path survives.
   again = pickle.loads(pickle.dumps(err.value))

@@ -6,6 +6,7 @@ a checkpoint every 2 steps. One 1-device run is the reference; the others
 must reproduce its per-step losses (other device counts) or its final state
 bit for bit (resumed after SIGKILL and after Ctrl-C).
 """
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import signal
 import jax
 import numpy as np
 
+from nfnets_jax.experiment import logging as run_logging
 import train_harness as testing
 
 
@@ -32,7 +34,6 @@ def test_reference_run_learns_and_logs(reference_run):
   assert sorted(losses) == list(range(1, 13))
   assert losses[12] < losses[1]  # The learning rate is high enough to move.
   assert testing.checkpoint_steps(reference_run) == [2, 4, 6, 8, 10, 12]
-  from nfnets_jax.experiment import logging as run_logging
   evals = run_logging.read_metrics(reference_run, "eval")
   assert [e["step"] for e in evals] == [6, 12]  # On schedule and at the end.
   for final in evals:
@@ -98,6 +99,19 @@ def test_sigkill_and_ctrl_c_resume_bit_exact(reference_run, cache_dir,
   expected = testing.load_checkpoint(reference_run, 12)
   assert jax.tree.structure(final) == jax.tree.structure(expected)
   jax.tree.map(np.testing.assert_array_equal, final, expected)
+  # The log matches the checkpoints: each (split, step) once, as in the
+  # uninterrupted run, with its losses; what the killed run logged after
+  # its last checkpoint is set aside.
+  logged = [(r["split"], r["step"]) for r in run_logging.read_metrics(workdir)]
+  assert sorted(logged) == sorted(
+      (r["split"], r["step"]) for r in run_logging.read_metrics(reference_run))
+  _assert_losses_match(testing.train_losses(workdir),
+                       testing.train_losses(reference_run), range(1, 13))
+  aside = os.path.join(workdir, run_logging.SET_ASIDE_FILE)
+  if os.path.exists(aside):
+    with open(aside) as f:
+      for record in map(json.loads, f):
+        assert record["step"] > record["set_aside_at"] >= max(killed_at) - 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path):

@@ -137,8 +137,8 @@ def _event_scalars(logdir):
 
 def test_run_logger_writes_json_lines(tmp_path):
   logger = run_logging.RunLogger(str(tmp_path), enabled=True, total_steps=2,
-                                 initial_step=0, progress_bar=False,
-                                 tensorboard=True)
+                                 progress_bar=False, tensorboard=True)
+  assert logger.start(0) == []
   logger.write(1, "train", {"loss": np.float32(1.5), "top1": 0.25})
   logger.write(2, "eval", {"top1": 0.5})
   logger.close()
@@ -156,8 +156,8 @@ def test_run_logger_ends_with_the_final_line_below_the_progress_bar(
   monkeypatch.setattr(sys, "stdout", terminal)
   monkeypatch.setattr(sys, "stderr", terminal)
   logger = run_logging.RunLogger(str(tmp_path), enabled=True, total_steps=2,
-                                 initial_step=0, progress_bar=True,
-                                 tensorboard=False)
+                                 progress_bar=True, tensorboard=False)
+  logger.start(0)
   logger.advance(2)
   logger.finish("final evaluation at step 2")
   logger.close()
