@@ -74,12 +74,36 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-  """SIGINT/SIGTERM stopped the run after saving a checkpoint."""
+  """SIGINT/SIGTERM stopped the run; the message says what is saved.
 
-  def __init__(self, step: int, signum: int):
+  In the train loop the run saves a checkpoint of the current step first;
+  before it (start-up, compilation) and in the final evaluation (after the
+  final checkpoint) nothing unsaved is lost, so the run stops at once.
+  """
+
+  def __init__(self, step: int | None, signum: int,
+               saved: str = "checkpoint saved"):
     self.step = step
-    super().__init__(f"{signal.Signals(signum).name} at step {step}: "
-                     "checkpoint saved")
+    where = "before the first step" if step is None else f"at step {step}"
+    super().__init__(f"{signal.Signals(signum).name} {where}: {saved}")
+
+
+@contextlib.contextmanager
+def _interrupting(step: int | None, saved: str) -> Iterator[None]:
+  """SIGINT/SIGTERM raise `Interrupted(step, signum, saved)` at once."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(step, signum, saved)
+  previous = {s: signal.signal(s, handle)
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 class BadImageError(ValueError):
@@ -403,35 +427,27 @@ def _run_locked(config: Any, plan: config_validation.RunPlan,
     pretrained = pretrained_start.read(config)  # Its checkpoints went.
   c = build(config, plan)
   try:
-    if adopted:
-      c.logger.info("model forward set to the pretrained checkpoint's: "
-                    + ", ".join(f"{k}={v!r}" for k, v in adopted.items()))
-    if resuming:
-      host_state, position = restore(config, spec, c)
-    else:
-      host_state = initial_state(config, spec, c, pretrained)
-      position = None
-    del pretrained
-    start = int(host_state.step)
-    if parallel.is_host0():
-      _write_run_info(config, spec, host_state, c.logger)
-    kept = c.logger.start(start)
-    # A finished run (its final evaluation recorded) is not evaluated
-    # again unless asked; every process learns process 0's answer.
-    done = parallel.allgather_json(_final_record(kept, spec.total_steps))[0]
-    if done is not None and not reevaluate:
-      c.logger.finish(final_line(spec.total_steps, done)
-                      + " (recorded: the run had finished)")
-      return done
-    state = parallel.replicate(host_state, c.mesh)
-    del host_state
-    stream = inputs.TrainStream(config, spec, position)
+    with _interrupting(None, "stopped before training; nothing new to save "
+                       "(the workdir keeps what earlier runs saved)"):
+      host_state, position, done = _start(config, spec, c, adopted,
+                                          pretrained, resuming)
+      del pretrained
+      if done is not None and not reevaluate:
+        c.logger.finish(final_line(spec.total_steps, done)
+                        + " (recorded: the run had finished)")
+        return done
+      state = parallel.replicate(host_state, c.mesh)
+      del host_state
+      stream = inputs.TrainStream(config, spec, position)
     state = train_loop(config, spec, c, state, stream, position)
-    try:
-      metrics = run_evaluation(config, spec, c, state)
-    except data_lib.ImageDecodeError as err:  # Saved by train_loop.
-      raise BadImageError(err, spec.total_steps, spec.total_steps,
-                          c.checkpointer.directory) from err
+    with _interrupting(spec.total_steps,
+                       "stopped in the final evaluation; the final "
+                       "checkpoint is saved, run again to evaluate it"):
+      try:
+        metrics = run_evaluation(config, spec, c, state)
+      except data_lib.ImageDecodeError as err:  # Saved by train_loop.
+        raise BadImageError(err, spec.total_steps, spec.total_steps,
+                            c.checkpointer.directory) from err
     split = "reeval" if done is not None else "eval"
     c.logger.write(spec.total_steps, split, metrics, echo=False)
     c.logger.finish(final_line(spec.total_steps, metrics)
@@ -440,6 +456,34 @@ def _run_locked(config: Any, plan: config_validation.RunPlan,
   finally:
     c.checkpointer.close()
     c.logger.close()
+
+
+def _start(config: Any, spec: config_validation.RunSpec, c: Components,
+           adopted: dict[str, Any], pretrained: create.Checkpoint | None,
+           resuming: bool
+           ) -> tuple[TrainState, dict | None, dict[str, float] | None]:
+  """The host state to start from, its data position, and the recorded
+  final evaluation of a finished run (None if not finished).
+
+  Restores or initializes the state, writes the run's files and starts the
+  logger (which sets aside records after the state's step).
+  """
+  if adopted:
+    c.logger.info("model forward set to the pretrained checkpoint's: "
+                  + ", ".join(f"{k}={v!r}" for k, v in adopted.items()))
+  if resuming:
+    host_state, position = restore(config, spec, c)
+  else:
+    host_state = initial_state(config, spec, c, pretrained)
+    position = None
+  start = int(host_state.step)
+  if parallel.is_host0():
+    _write_run_info(config, spec, host_state, c.logger)
+  kept = c.logger.start(start)
+  # A finished run (its final evaluation recorded) is not evaluated again
+  # unless asked; every process learns process 0's answer.
+  done = parallel.allgather_json(_final_record(kept, spec.total_steps))[0]
+  return host_state, position, done
 
 
 def _final_record(records: list[dict], total_steps: int

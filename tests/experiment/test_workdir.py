@@ -112,3 +112,50 @@ def test_a_finished_workdir_reports_its_result_or_reevaluates(
   # The same weights on the same images (other lowerings round otherwise).
   for key in ("top1", "ema_top1"):
     np.testing.assert_allclose(after[-1][key], final[key], atol=2 / 360)
+
+
+def _sigterm_then(fn):
+  """`fn`, after this process has been sent SIGTERM (as `kill PID` does)."""
+  def wrapped(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return fn(*args, **kwargs)
+  return wrapped
+
+
+def test_sigterm_before_training_exits_130_saying_nothing_was_lost(
+    tmp_path, monkeypatch):
+  workdir = str(tmp_path / "w")
+  monkeypatch.setattr(loop, "initial_state", _sigterm_then(loop.initial_state))
+  proc = testing.train_in_process(workdir)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "nfnets-train: SIGTERM before the first step: stopped before training; "
+      "nothing new to save (the workdir keeps what earlier runs saved)")
+  assert testing.checkpoint_steps(workdir) == []
+
+
+def test_sigterm_in_the_final_evaluation_exits_130_and_resumes_to_it(
+    reference_run, tmp_path, monkeypatch):
+  """The final checkpoint is saved, its evaluation not recorded: a second
+  run evaluates it, once."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference_run, workdir)
+  records = run_logging.read_metrics(workdir)
+  assert (records[-1]["split"], records[-1]["step"]) == ("eval", 12)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records[:-1])
+
+  with monkeypatch.context() as m:
+    m.setattr(loop, "run_evaluation", _sigterm_then(loop.run_evaluation))
+    proc = testing.train_in_process(workdir)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "nfnets-train: SIGTERM at step 12: stopped in the final evaluation; "
+      "the final checkpoint is saved, run again to evaluate it")
+  assert run_logging.read_metrics(workdir) == records[:-1]
+
+  proc = testing.train_in_process(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evals = [r for r in run_logging.read_metrics(workdir) if r["step"] == 12
+           and r["split"] == "eval"]
+  assert len(evals) == 1 and evals[0]["count"] == 360
