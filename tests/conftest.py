@@ -48,3 +48,14 @@ def reference_run(tmp_path_factory):
 def perturbed_timm_f0():
   """A perturbed random timm dm_nfnet_f0, its params and both forwards."""
   return checkpoint_files.perturbed_timm_f0()
+
+
+def pytest_collection_modifyitems(items):
+  """Files with slow (end-to-end) tests first, each file's tests in order.
+
+  Under `-n auto` each file goes whole to one worker in this order, so the
+  long files start early and the short ones fill in at the end.
+  """
+  slow_files = {item.path for item in items
+                if item.get_closest_marker("slow") is not None}
+  items.sort(key=lambda item: item.path not in slow_files)

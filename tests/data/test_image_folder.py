@@ -337,6 +337,7 @@ def reference(folder, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_trains_to_high_accuracy_and_names_classes(reference):
   final = run_logging.read_metrics(reference, 'eval')[-1]
   assert final['step'] == NUM_STEPS and final['count'] == 18
@@ -345,6 +346,7 @@ def test_trains_to_high_accuracy_and_names_classes(reference):
     assert json.load(f) == list(CLASSES)
 
 
+@pytest.mark.slow
 def test_predict_names_the_class_of_new_images(reference, tmp_path, capsys):
   rng = np.random.default_rng(123)  # Images the run has not seen.
   paths = [_save(_pattern(label, rng), str(tmp_path / f'new{label}.png'))
@@ -358,6 +360,7 @@ def test_predict_names_the_class_of_new_images(reference, tmp_path, capsys):
     assert result['top'][0]['index'] == label
 
 
+@pytest.mark.slow
 def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
   root = write_folder(str(tmp_path / 'root'))
   # Last of 61 sorted discs: not a holdout position, so read in training.
@@ -377,6 +380,7 @@ def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
   assert f'Checkpoint: step {step} in ' in proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_config_on_image_folder(folder, tmp_path):
   """`configs/nfnet_finetune.py:smoke` with the two dataset flags: a new
   3-way head on a (tiny, saved here) pretrained 1000-class model."""

@@ -298,6 +298,7 @@ def _copy_checkpoints(reference_run, workdir, steps):
   return os.path.join(workdir, "checkpoints")
 
 
+@pytest.mark.slow
 def test_corrupt_newest_steps_resume_previous_bit_exact(
     reference_run, cache_dir, tmp_path):
   """The newest step has 4 KB inverted, the one before a file cut in half:
@@ -319,6 +320,7 @@ def test_corrupt_newest_steps_resume_previous_bit_exact(
                       testing.load_checkpoint(reference_run, 12))
 
 
+@pytest.mark.slow
 def test_all_steps_corrupt_exit_2(reference_run, cache_dir, tmp_path):
   workdir = str(tmp_path / "run")
   checkpoints = _copy_checkpoints(reference_run, workdir, (2, 4))

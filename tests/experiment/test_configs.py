@@ -146,6 +146,7 @@ def test_smoke_form_is_tiny(name):
 RUN_ELSEWHERE = ("default", "nfnet_finetune")
 
 
+@pytest.mark.slow
 def test_every_config_runs_one_step(tmp_path):
   """The other configs' smoke forms, end to end (ImageNet mocked)."""
   paths = [p for p, n in zip(CONFIGS, NAMES) if n not in RUN_ELSEWHERE]

@@ -16,6 +16,8 @@ import pytest
 import checkpoint_files
 import train_harness as testing
 
+pytestmark = pytest.mark.slow  # End-to-end runs.
+
 
 @pytest.fixture(scope="module")
 def two_process_run(reference_run, cache_dir, tmp_path_factory):

@@ -39,6 +39,7 @@ def test_validation_decides_without_changing_the_config(finetune):
   assert callable(plan.tx.update) and float(plan.schedule(0)) >= 0.0
 
 
+@pytest.mark.slow
 def test_pretrained_read_once_and_resume_builds_a_template(
     finetune, monkeypatch, capsys):
   reads, inits, templates = [], [], []

@@ -13,9 +13,12 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from nfnets_jax.experiment import logging as run_logging
 import train_harness as testing
+
+pytestmark = pytest.mark.slow  # End-to-end runs.
 
 
 def _check_ok(proc):

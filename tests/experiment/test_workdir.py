@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import loop
@@ -89,6 +90,7 @@ def test_resume_moves_records_after_the_checkpoint_aside(tmp_path):
   assert aside == [{**r, "set_aside_at": 6} for r in logged if r["step"] > 6]
 
 
+@pytest.mark.slow
 def test_a_finished_workdir_reports_its_result_or_reevaluates(
     reference_run, tmp_path):
   workdir = str(tmp_path / "finished")
@@ -134,6 +136,7 @@ def test_sigterm_before_training_exits_130_saying_nothing_was_lost(
   assert testing.checkpoint_steps(workdir) == []
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_final_evaluation_exits_130_and_resumes_to_it(
     reference_run, tmp_path, monkeypatch):
   """The final checkpoint is saved, its evaluation not recorded: a second

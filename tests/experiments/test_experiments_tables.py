@@ -16,6 +16,8 @@ from nfnets_jax.models import signal_propagation as sp
 
 import experiment_outputs
 
+pytestmark = pytest.mark.slow  # End-to-end runs.
+
 
 def test_model_table_quick(tmp_path):
   rows = model_table.main(["--quick", "--out", str(tmp_path)])

@@ -24,6 +24,8 @@ from nfnets_jax.optim import optimizers
 
 import experiment_outputs
 
+pytestmark = pytest.mark.slow  # End-to-end runs.
+
 NUM_TRAIN, NUM_TEST = 1437, 360
 
 

@@ -291,6 +291,7 @@ def test_nfnet_f0_from_an_official_pickle_gives_the_official_logits(
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_workdir_loads_the_newest_ema_params(reference_run, tmp_path):
   saved = testing.load_checkpoint(reference_run)  # The newest step, 12.
   model = nj.create_model(pretrained=reference_run)
