@@ -89,14 +89,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _interrupting(step: int | None, saved: str) -> Iterator[None]:
-  """SIGINT/SIGTERM raise `Interrupted(step, signum, saved)` at once."""
+def _signals_handled_by(handle: Callable[[int, Any], None]) -> Iterator[None]:
+  """SIGINT and SIGTERM go to `handle(signum, frame)` while the block runs
+  (the previous handlers come back after it); a no-op off the main thread,
+  where Python cannot install handlers."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  def handle(signum, frame):
-    del frame
-    raise Interrupted(step, signum, saved)
   previous = {s: signal.signal(s, handle)
               for s in (signal.SIGINT, signal.SIGTERM)}
   try:
@@ -104,6 +103,15 @@ def _interrupting(step: int | None, saved: str) -> Iterator[None]:
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
+
+
+def _interrupting(step: int | None,
+                  saved: str) -> contextlib.AbstractContextManager[None]:
+  """SIGINT/SIGTERM raise `Interrupted(step, signum, saved)` at once."""
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(step, signum, saved)
+  return _signals_handled_by(handle)
 
 
 class BadImageError(ValueError):
@@ -235,25 +243,17 @@ class _StopRequest:
 
   def __init__(self):
     self.signum: int | None = None
-    self._previous = {}
 
   def _handle(self, signum, frame):
+    del frame
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signum = signum
 
   @contextlib.contextmanager
   def installed(self) -> Iterator["_StopRequest"]:
-    if threading.current_thread() is not threading.main_thread():
+    with _signals_handled_by(self._handle):
       yield self
-      return
-    for s in (signal.SIGINT, signal.SIGTERM):
-      self._previous[s] = signal.signal(s, self._handle)
-    try:
-      yield self
-    finally:
-      for s, handler in self._previous.items():
-        signal.signal(s, handler)
 
 
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
