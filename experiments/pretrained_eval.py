@@ -70,6 +70,7 @@ from nfnets_jax import data  # noqa: E402
 from nfnets_jax.experiment import evaluation  # noqa: E402
 from nfnets_jax.experiment import logging as run_logging  # noqa: E402
 from nfnets_jax.experiment import parallel  # noqa: E402
+from nfnets_jax.experiment import run_identity  # noqa: E402
 from nfnets_jax.models import families  # noqa: E402
 from nfnets_jax.models import nfnet  # noqa: E402
 from nfnets_jax.models import stats  # noqa: E402
@@ -591,8 +592,7 @@ def load(args: Any, source: str) -> tuple[list[LoadedModel], EvalData]:
       raise ValueError("--variant and --forward are read from the workdir's "
                        "config.json; leave them unset with --source=workdir")
     create.workdir_spec(args.checkpoint)  # Says why it is not a workdir.
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-      config = json.load(f)
+    config = run_identity.workdir_config(args.checkpoint)
     dataset = args.dataset or config["dataset"]["name"]
     split_name = args.split or config["dataset"]["eval_split"]
     data_dir = args.data_dir or config["dataset"].get("data_dir")

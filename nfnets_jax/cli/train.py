@@ -12,14 +12,20 @@ common overrides and the configs found; bad input is one message (exit 2),
 with the traceback under `--verbose` or `NFNETS_VERBOSE=1`. Running again with the same workdir resumes from its
 newest checkpoint; one run at a time holds a workdir (a second one exits
 2, naming the first); a finished workdir prints its recorded result
-(`--reevaluate` evaluates again). Exit status: 0 done, 2 invalid config, a
-workdir in use or an image that cannot be decoded (a checkpoint was saved),
+(`--reevaluate` evaluates again); a resume whose config changes the model
+or recipe is refused unless `--allow_config_change=FIELD,...` names the
+fields. Exit status: 0 done, 2 invalid config, a workdir in use, a changed
+config on resume, a checkpoint that cannot be written (the previous ones are
+kept) or an image that cannot be decoded (a checkpoint was saved),
 3 non-finite loss, 130 interrupted (a checkpoint was saved).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import logging as std_logging
+import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -41,9 +47,13 @@ _REEVALUATE = flags.DEFINE_bool(
     "reevaluate", False, "On a finished workdir, evaluate the final state "
     "again (recorded as a 'reeval' record of metrics.jsonl); without it, a "
     "finished run prints its recorded final evaluation.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "Config fields (e.g. model.kwargs.activation,"
+    " train.num_steps) a resume may change although they shape what is "
+    "trained; recorded in the workdir's config_changes.jsonl.")
 flags.DEFINE_bool(
-    "verbose", False, "Show the Python traceback of an error (or set "
-    f"{errors.VERBOSE_ENV}=1).")
+    "verbose", False, "Show the Python traceback of an error and orbax's "
+    f"own error log (or set {errors.VERBOSE_ENV}=1).")
 
 PROG = train_flags.PROG
 EXIT_BAD_CONFIG, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
@@ -60,10 +70,17 @@ def _train() -> int:
   # pylint: enable=g-import-not-at-top
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
+  # Each orbax failure reaches the user as one message of ours; orbax's own
+  # error log of it (a traceback per thread) only with --verbose.
+  if errors.verbose_requested():
+    logging.get_absl_logger().removeFilter(_hide_orbax_errors)
+  else:
+    logging.get_absl_logger().addFilter(_hide_orbax_errors)
   config = _CONFIG.value
   config.workdir = _WORKDIR.value
   try:
-    loop.run(config, reevaluate=_REEVALUATE.value)
+    loop.run(config, reevaluate=_REEVALUATE.value,
+             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except config_validation.ConfigError as err:
     errors.report(PROG, err, verbose=errors.verbose_requested())
     return EXIT_BAD_CONFIG
@@ -75,6 +92,7 @@ def _train() -> int:
     return EXIT_BAD_CONFIG
   except (checkpoint_io.NoIntactCheckpointError,
           checkpoint_io.CheckpointMismatchError,
+          checkpoint_io.CheckpointSaveError,
           workdir_lock.WorkdirLockedError) as err:
     print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_BAD_CONFIG
@@ -82,6 +100,12 @@ def _train() -> int:
     print(f"{PROG}: {err}", file=sys.stderr)
     return EXIT_INTERRUPTED
   return 0
+
+
+def _hide_orbax_errors(record: Any) -> bool:
+  """A `logging` filter: False for orbax's ERROR records."""
+  return not (record.levelno >= std_logging.ERROR
+              and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def _forget_parsed_flags() -> None:

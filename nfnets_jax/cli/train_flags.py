@@ -130,7 +130,8 @@ def help_text(args: Sequence[str]) -> str:
         subsequent_indent=" " * 36)
   return "\n".join([
       f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR",
-      "                    [--config.FIELD=VALUE ...] [--verbose]",
+      "                    [--config.FIELD=VALUE ...] [--reevaluate]",
+      "                    [--allow_config_change=FIELD,...] [--verbose]",
       "",
       "Trains and evaluates an NFNet experiment described by a config file,",
       "then evaluates the raw and EMA weights. Running again with the same",
@@ -153,6 +154,12 @@ def help_text(args: Sequence[str]) -> str:
       "                         config.json; an existing run is resumed",
       "  --config.FIELD=VALUE   set one config field (the config is locked:",
       "                         a misspelt field is an error)",
+      "  --reevaluate           on a finished workdir, evaluate again (else",
+      "                         its recorded result is printed)",
+      "  --allow_config_change=FIELD,...",
+      "                         resume although these fields changed (model,",
+      "                         recipe, data...: refused otherwise); recorded",
+      "                         in the workdir's config_changes.jsonl",
       f"  --verbose              show the traceback of an error (or "
       f"{errors.VERBOSE_ENV}=1)",
       "  --helpfull             every flag, absl's included",
@@ -162,8 +169,10 @@ def help_text(args: Sequence[str]) -> str:
       "",
       *config_listing(args),
       "",
-      "exit status: 0 done; 2 invalid input (flags, config, files, data);",
-      "3 non-finite loss; 130 interrupted (a checkpoint was saved).",
+      "exit status: 0 done; 2 invalid input (flags, config, files, data), a",
+      "workdir in use, a resume whose config changed, a checkpoint that",
+      "cannot be written; 3 non-finite loss; 130 interrupted (the message",
+      "says what was saved). Every case: docs/training.md#when-a-run-stops",
   ])
 
 
@@ -347,7 +356,8 @@ def flag_error_line(err: flags.Error,
             f"{_allowed(path, config)}")
   if isinstance(err, flags.UnrecognizedFlagError):
     return (f"{text}; {PROG} takes --config, --workdir, "
-            "--config.FIELD=VALUE and --verbose (see --help)")
+            "--config.FIELD=VALUE, --reevaluate, --allow_config_change and "
+            "--verbose (see --help)")
   return f"{text} (see --help)"
 
 

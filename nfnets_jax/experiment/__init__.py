@@ -13,6 +13,8 @@ Modules, one job each, from the bottom up:
 * `train_state`: the typed `TrainState`, its template, the pmapped train step.
 * `evaluation`: the pmapped eval step and a full pass over the eval split.
 * `inputs`: the training stream and eval passes of a run.
+* `run_identity`: what a resume may not change (config.json, written
+  once; allowed changes recorded beside it).
 * `logging`: progress bar, JSON-lines metrics, optional TensorBoard.
 * `recipes`: the papers' training recipes as configs.
 * `loop`: composes the above into `run(config)`.

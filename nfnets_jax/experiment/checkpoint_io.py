@@ -14,12 +14,22 @@ never deleted) with a warning, and the next newest step is tried; every
 process must accept a step before any uses it. A checkpoint whose arrays
 (names, shapes, dtypes in its metadata) differ from the config's train state
 is a config error, not corruption: that is checked before any array is read.
+
+A save that fails (disk full, permission) stops the run: orbax writes in
+the background, so each check point of the train loop asks whether the
+queued save failed (`raise_if_save_failed`); the half-written step is
+removed and `CheckpointSaveError` names the step, the path and the OS error,
+while the previous steps stay as they were.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from typing import Any, NamedTuple
 import zlib
@@ -37,6 +47,7 @@ TrainState = Any
 _MISMATCH, _CORRUPT = "mismatch", "corrupt"
 _UNVERIFIED, _OK = "unverified", "ok"
 _LIST_AT_MOST = 5  # Array names quoted in one message.
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for an unfinished step.
 
 
 class CheckpointMismatchError(ValueError):
@@ -64,6 +75,50 @@ class NoIntactCheckpointError(RuntimeError):
         f"no intact checkpoint in {directory}: steps {steps} were tried and "
         f"each failed ({reasons}). They were moved to {set_aside_dir} (kept, "
         "not deleted); running again with this workdir starts afresh.")
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the run stopped.
+
+  Attributes:
+    step: the step whose save failed.
+    stopped_at: the step the run had reached when the failure was seen.
+    newest: the newest intact step left in the directory (None if none).
+  """
+
+  def __init__(self, step: int, directory: str, reason: str,
+               stopped_at: int, newest: int | None, removed: str | None):
+    self.step, self.stopped_at, self.newest = step, stopped_at, newest
+    kept = (f"the newest intact checkpoint is step {newest}; run again with "
+            "this workdir to resume from it" if newest is not None else
+            "no checkpoint is left; running again starts afresh")
+    super().__init__(
+        f"saving checkpoint step {step} in {directory} failed: {reason}. "
+        f"Training stopped at step {stopped_at}; "
+        + (f"the half-written step was removed ({removed}); " if removed
+           else "") + kept + " once the cause is fixed.")
+
+
+# What TensorStore puts in a failed write's message.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_FAILED_PATH = re.compile(r'(?:Failed writing|writing): "([^"]+)"')
+
+
+def describe_write_error(err: BaseException) -> str:
+  """`No space left on device (errno 28) writing PATH` from an orbax or
+  TensorStore error; its first line when it carries no OS error code."""
+  if isinstance(err, OSError) and err.errno:
+    where = f" writing {err.filename}" if err.filename else ""
+    return f"{os.strerror(err.errno)} (errno {err.errno}){where}"
+  text = str(err)
+  code = _OS_ERROR_CODE.search(text)
+  if code is None:
+    return _first_line(err)
+  path = _FAILED_PATH.findall(text)
+  number = int(code.group(1))
+  name = errno.errorcode.get(number, "")
+  return (f"{os.strerror(number)} ({name or 'errno ' + str(number)})"
+          + (f" writing {path[-1]}" if path else ""))
 
 
 class Restored(NamedTuple):
@@ -128,35 +183,36 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
   return f"{type(err).__name__}: {text}"
 
 
-def _is_late_read_callback(unraisable: Any) -> bool:
-  """Whether an unraisable exception is a read finishing after orbax quit."""
+def _is_late_io_callback(unraisable: Any) -> bool:
+  """Whether an unraisable exception is a read or write finishing after
+  orbax's event loop closed."""
   exc = unraisable.exc_value
   return (unraisable.object is None and isinstance(exc, RuntimeError)
           and str(exc) == "Event loop is closed")
 
 
-def drop_late_read_callbacks() -> None:
-  """Silences the reads of a failed restore that finish after it raised.
+def drop_late_io_callbacks() -> None:
+  """Silences the reads and writes that finish after orbax gave up a step.
 
-  When one array of a step cannot be read, orbax's restore raises and closes
-  its asyncio event loop while TensorStore still completes the step's other
-  reads; each completion then fails to reach the closed loop and prints a
-  bare "RuntimeError: Event loop is closed" traceback through
-  `sys.unraisablehook`: hundreds per damaged step, over 64 KB of stderr
-  (enough to block a process whose stderr is a pipe nobody reads yet).
-  Called before each restore (some reads finish before the error reaches
-  us), it wraps the hook, once per process, to drop exactly those; every
-  other unraisable exception goes to the previous hook.
+  When one array of a step cannot be read (or written: a full disk), orbax
+  raises and closes its asyncio event loop while TensorStore still completes
+  the step's other operations; each completion then fails to reach the
+  closed loop and prints a bare "RuntimeError: Event loop is closed"
+  traceback through `sys.unraisablehook`: hundreds per step, over 64 KB of
+  stderr (enough to block a process whose stderr is a pipe nobody reads
+  yet). Called when a `Checkpointer` is made, it wraps the hook, once per
+  process, to drop exactly those; every other unraisable exception goes to
+  the previous hook.
   """
   previous = sys.unraisablehook
-  if getattr(previous, "drops_late_read_callbacks", False):
+  if getattr(previous, "drops_late_io_callbacks", False):
     return
 
   def hook(unraisable: Any) -> None:
-    if not _is_late_read_callback(unraisable):
+    if not _is_late_io_callback(unraisable):
       previous(unraisable)
 
-  hook.drops_late_read_callbacks = True
+  hook.drops_late_io_callbacks = True
   sys.unraisablehook = hook
 
 
@@ -255,6 +311,9 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.set_aside_dir = self.directory + "_corrupt"
+    self._queued: int | None = None  # Saved in the background, unconfirmed.
+    self._failed = False  # A save failed and was reported.
+    drop_late_io_callbacks()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -278,7 +337,11 @@ class Checkpointer:
 
     Every process must call this (orbax synchronizes them); only process 0
     writes. A step that already exists is left as it is.
+
+    Raises:
+      CheckpointSaveError: this save, or the one queued before it, failed.
     """
+    self.wait(step)  # Orbax would wait for the previous save anyway.
     if step in self._manager.all_steps():
       return
     checksums = {"algorithm": "crc32", "state": state_checksums(state),
@@ -288,12 +351,78 @@ class Checkpointer:
     # through TensorStore, which has hung in multi-process runs).
     specs = {name: [list(shape), dtype]
              for name, (shape, dtype) in _array_specs(state).items()}
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"process_states": data_states,
-                                "checksums": checksums,
-                                "array_specs": specs})))
+    self._queued = step
+    error = None
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave({"process_states": data_states,
+                                  "checksums": checksums,
+                                  "array_specs": specs})))
+    except Exception as err:  # pylint: disable=broad-except
+      error = describe_write_error(err)  # Failed before the background.
+    self._report_failure(error, step)
     logging.info("checkpoint of step %d queued in %s", step, self.directory)
+
+  def raise_if_save_failed(self, at_step: int) -> None:
+    """Raises if the save queued last has failed; never blocks on it.
+
+    Every process must call this (process 0's answer is everyone's).
+
+    Raises:
+      CheckpointSaveError: naming the step, path and OS error.
+    """
+    error = None
+    if (self._queued is not None and parallel.is_host0()
+        and not self._manager.is_saving_in_progress()):
+      error = self._finish_queued()
+    self._report_failure(error, at_step)
+
+  def wait(self, at_step: int | None = None) -> None:
+    """Blocks until the queued save is on disk.
+
+    Every process must call this.
+
+    Raises:
+      CheckpointSaveError: it failed (`at_step`: where the run stopped,
+        default the failed step).
+    """
+    error = self._finish_queued() if self._queued is not None else None
+    self._report_failure(error, self._queued if at_step is None
+                         else at_step)
+
+  def _finish_queued(self) -> str | None:
+    """Waits for the queued save; its error, or None once it is on disk."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      return describe_write_error(err)
+    if parallel.is_host0() and self._queued not in self._manager.all_steps():
+      return "the step was not finalized (see orbax's log with --verbose)"
+    self._queued = None
+    return None
+
+  def _report_failure(self, error: str | None, at_step: int | None) -> None:
+    """Every process raises if process 0 saw the queued save fail."""
+    if self._queued is None and error is None and jax.process_count() == 1:
+      return
+    error = parallel.allgather_json(error)[0]
+    if error is None:
+      return
+    step, self._queued, self._failed = self._queued, None, True
+    removed = self._remove_unfinished(step) if parallel.is_host0() else None
+    self._manager.reload()
+    raise CheckpointSaveError(
+        step, self.directory, error, step if at_step is None else at_step,
+        self._manager.latest_step(), removed)
+
+  def _remove_unfinished(self, step: int) -> str | None:
+    """Deletes the failed step's temporary directory (half written)."""
+    pattern = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}*")
+    removed = sorted(glob.glob(pattern))
+    for path in removed:
+      shutil.rmtree(path, ignore_errors=True)
+    return ", ".join(removed) or None
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -337,7 +466,6 @@ class Checkpointer:
       CorruptCheckpointError: it cannot be read or fails its checksums.
     """
     self._check_fits(template, step)
-    drop_late_read_callbacks()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(template),
@@ -435,13 +563,20 @@ class Checkpointer:
     self._manager.reload()
     return moved["dest"]
 
-  def wait(self) -> None:
-    """Blocks until queued saves are on disk."""
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the queued save and releases orbax's threads.
+
+    After a reported save failure, orbax's own errors are not raised again.
+    """
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
 
 def checkpoint_steps(directory: str) -> list[int]:

@@ -17,13 +17,14 @@
 8. the train loop runs to `total_steps`, logging, evaluating and saving on
    schedule; a non-finite loss stops it (the last good checkpoint stays), and
    SIGINT / SIGTERM save a checkpoint before stopping, and so does an image
-   file that cannot be decoded (`BadImageError`);
+   file that cannot be decoded (`BadImageError`); a checkpoint that cannot
+   be written stops it (`checkpoint_io.CheckpointSaveError`);
 9. a final checkpoint and a final evaluation with raw and EMA weights,
    reported in one line.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import json
 import os
@@ -45,6 +46,7 @@ from nfnets_jax.experiment import inputs
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import parallel
 from nfnets_jax.experiment import pretrained_start
+from nfnets_jax.experiment import run_identity
 from nfnets_jax.experiment import train_state as ts
 from nfnets_jax.experiment import workdir_lock
 from nfnets_jax.models import families
@@ -57,6 +59,8 @@ PARAM_TABLE_FILE = "params.txt"  # Every parameter's shape, in the workdir.
 # A run of at most this many steps (a smoke run) compiles its steps without
 # LLVM's expensive passes: compiling, not stepping, is most of its time.
 FAST_COMPILE_STEPS = 20
+_NOTHING_NEW = ("nothing new to save (the workdir keeps what earlier runs "
+                "saved)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,14 +80,16 @@ class NonFiniteLossError(RuntimeError):
 class Interrupted(KeyboardInterrupt):
   """SIGINT/SIGTERM stopped the run; the message says what is saved.
 
-  In the train loop the run saves a checkpoint of the current step first;
-  before it (start-up, compilation) and in the final evaluation (after the
-  final checkpoint) nothing unsaved is lost, so the run stops at once.
+  In the train loop (steps, saves, evaluations) the run saves a checkpoint
+  of the current step first; before it (start-up, compilation) and in the
+  final evaluation (after the final checkpoint) nothing unsaved is lost, so
+  the run stops at once.
   """
 
   def __init__(self, step: int | None, signum: int,
                saved: str = "checkpoint saved"):
     self.step = step
+    self.signum = signum
     where = "before the first step" if step is None else f"at step {step}"
     super().__init__(f"{signal.Signals(signum).name} {where}: {saved}")
 
@@ -288,7 +294,9 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
   at log, eval and checkpoint steps, where they are read first: a
   checkpoint is only written after every step before it was found finite.
   An image that cannot be decoded saves the last completed step, then
-  raises `BadImageError`.
+  raises `BadImageError`. SIGINT/SIGTERM while the train step compiles stop
+  at once (`Interrupted`, nothing new to save); later, they save the
+  current step first, also in the middle of an evaluation.
   """
   t = config.train
   step = int(parallel.unreplicate(state.step))
@@ -303,7 +311,7 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
     at, metrics = pending
     host = _host_metrics(metrics)
     if not host.pop("finite"):
-      c.checkpointer.wait()
+      c.checkpointer.wait(at)
       raise NonFiniteLossError(at, c.checkpointer.latest_step(),
                                c.checkpointer.directory)
     return host
@@ -312,17 +320,38 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
     if pending is not None:
       check(pending)
     save(c, state, position)
-    c.checkpointer.wait()
+    c.checkpointer.wait(step)
     return BadImageError(err, step, c.checkpointer.latest_step(),
                          c.checkpointer.directory)
 
+  def evaluate_or_stop() -> dict[str, float]:
+    """The mid-run evaluation; a signal in it saves the step and stops."""
+    try:
+      with _interrupting(step, ""):
+        return run_evaluation(config, spec, c, state)
+    except Interrupted as interrupted:
+      save(c, state, position)
+      c.checkpointer.wait(step)
+      raise Interrupted(step, interrupted.signum,
+                        "stopped in the evaluation; checkpoint saved"
+                        ) from None
+    except data_lib.ImageDecodeError as err:
+      raise stop_on_bad_image(err) from err
+
+  compiled = False  # The first step compiles the train step.
   with _StopRequest().installed() as stop:
     while step < spec.total_steps:
       try:
         batch, position = next(batches)
       except data_lib.ImageDecodeError as err:
         raise stop_on_bad_image(err) from err
-      state, metrics = c.train_step(state, batch)
+      if compiled:
+        state, metrics = c.train_step(state, batch)
+      else:
+        with _interrupting(step, "stopped while compiling the train step; "
+                           + _NOTHING_NEW):
+          state, metrics = c.train_step(state, batch)
+        compiled = True
       if pending is not None:
         check(pending)
       step += 1
@@ -338,6 +367,7 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
         continue
       host = check(pending)
       pending = None
+      c.checkpointer.raise_if_save_failed(step)
       if log_now:
         now = time.time()
         host["images_per_sec"] = (t.global_batch_size * (step - last_step)
@@ -348,22 +378,22 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
       if ckpt_now or stop.signum:
         save(c, state, position)
       if stop.signum:
-        c.checkpointer.wait()
+        c.checkpointer.wait(step)
         raise Interrupted(step, stop.signum)
       if eval_now:
-        try:
-          eval_metrics = run_evaluation(config, spec, c, state)
-        except data_lib.ImageDecodeError as err:
-          raise stop_on_bad_image(err) from err
-        c.logger.write(step, "eval", eval_metrics)
+        c.logger.write(step, "eval", evaluate_or_stop())
         last_time = time.time()
     if pending is not None:
       check(pending)
-  save(c, state, position)
+    save(c, state, position)  # The final checkpoint, written in background.
+    if stop.signum:
+      c.checkpointer.wait(step)
+      raise Interrupted(step, stop.signum)
   return state
 
 
-def run(config: Any, *, reevaluate: bool = False) -> dict[str, float]:
+def run(config: Any, *, reevaluate: bool = False,
+        allow_config_change: Sequence[str] = ()) -> dict[str, float]:
   """Trains and evaluates as `config` says; returns the final eval metrics.
 
   One run per workdir: process 0 holds an OS lock on it for the whole run
@@ -371,15 +401,23 @@ def run(config: Any, *, reevaluate: bool = False) -> dict[str, float]:
   evaluation; with `reevaluate`, it evaluates again and records that as a
   `reeval` record.
 
+  A resume trains what the workdir's checkpoints were trained with: a
+  config that differs in a field of the run's identity (`run_identity`) is
+  refused unless the field is in `allow_config_change`; allowed changes are
+  recorded beside the workdir's config.json, which is never rewritten.
+
   `config` itself is not changed (a fine-tuning run adopting its
   checkpoint's forward works on a copy, saved as the run's config.json).
 
   Raises:
     config_validation.ConfigError: a bad config or pretrained file (before
-      any compute, and before anything is written).
+      any compute, and before anything is written); a resume whose config
+      changed (`run_identity.ConfigChangedError`).
     NonFiniteLossError: the loss became NaN/Inf.
     Interrupted: SIGINT/SIGTERM (after saving a checkpoint).
     BadImageError: an image file cannot be decoded (after saving one).
+    checkpoint_io.CheckpointSaveError: a checkpoint could not be written
+      (the previous ones are kept).
     workdir_lock.WorkdirLockedError: another live run holds the workdir.
   """
   parallel.maybe_initialize_distributed(config.distributed)
@@ -392,7 +430,8 @@ def run(config: Any, *, reevaluate: bool = False) -> dict[str, float]:
     pretrained = pretrained_start.read(config)
   lock = lock_workdir(config.workdir)
   try:
-    return _run_locked(config, plan, adopted, pretrained, reevaluate)
+    return _run_locked(config, plan, adopted, pretrained, reevaluate,
+                       tuple(allow_config_change))
   finally:
     if lock is not None:
       lock.release()
@@ -420,17 +459,26 @@ def lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
 def _run_locked(config: Any, plan: config_validation.RunPlan,
                 adopted: dict[str, Any],
                 pretrained: create.Checkpoint | None,
-                reevaluate: bool) -> dict[str, float]:
+                reevaluate: bool, allowed: tuple[str, ...]
+                ) -> dict[str, float]:
   spec = plan.spec
   resuming = _resuming(config)  # Again, now that the workdir is ours.
+  changes = (run_identity.check_resume(config.workdir, config, allowed)
+             if resuming else {})
   if config.pretrained.path and not resuming and pretrained is None:
     pretrained = pretrained_start.read(config)  # Its checkpoints went.
   c = build(config, plan)
   try:
-    with _interrupting(None, "stopped before training; nothing new to save "
-                       "(the workdir keeps what earlier runs saved)"):
-      host_state, position, done = _start(config, spec, c, adopted,
-                                          pretrained, resuming)
+    with _interrupting(None, f"stopped before training; {_NOTHING_NEW}"):
+      host_state, position, done, eval_missing = _start(
+          config, spec, c, adopted, pretrained, resuming)
+      if changes and parallel.is_host0():
+        run_identity.record_changes(config.workdir, int(host_state.step),
+                                    changes, allowed)
+        c.logger.info("resumed with config changes (recorded in "
+                      f"{run_identity.CHANGES_FILE}): " + "; ".join(
+                          f"{f}: {old!r} -> {new!r}"
+                          for f, (old, new) in changes.items()))
       del pretrained
       if done is not None and not reevaluate:
         c.logger.finish(final_line(spec.total_steps, done)
@@ -439,6 +487,11 @@ def _run_locked(config: Any, plan: config_validation.RunPlan,
       state = parallel.replicate(host_state, c.mesh)
       del host_state
       stream = inputs.TrainStream(config, spec, position)
+    if eval_missing:  # Its run was stopped in it: evaluate it now.
+      start = int(parallel.unreplicate(state.step))
+      with _interrupting(start, "stopped in the evaluation of the restored "
+                         f"step; {_NOTHING_NEW}"):
+        c.logger.write(start, "eval", run_evaluation(config, spec, c, state))
     state = train_loop(config, spec, c, state, stream, position)
     with _interrupting(spec.total_steps,
                        "stopped in the final evaluation; the final "
@@ -448,6 +501,7 @@ def _run_locked(config: Any, plan: config_validation.RunPlan,
       except data_lib.ImageDecodeError as err:  # Saved by train_loop.
         raise BadImageError(err, spec.total_steps, spec.total_steps,
                             c.checkpointer.directory) from err
+    c.checkpointer.wait(spec.total_steps)  # Written while evaluating.
     split = "reeval" if done is not None else "eval"
     c.logger.write(spec.total_steps, split, metrics, echo=False)
     c.logger.finish(final_line(spec.total_steps, metrics)
@@ -461,9 +515,11 @@ def _run_locked(config: Any, plan: config_validation.RunPlan,
 def _start(config: Any, spec: config_validation.RunSpec, c: Components,
            adopted: dict[str, Any], pretrained: create.Checkpoint | None,
            resuming: bool
-           ) -> tuple[TrainState, dict | None, dict[str, float] | None]:
-  """The host state to start from, its data position, and the recorded
-  final evaluation of a finished run (None if not finished).
+           ) -> tuple[TrainState, dict | None, dict[str, float] | None, bool]:
+  """The host state to start from, its data position, the recorded final
+  evaluation of a finished run (None if not finished), and whether the
+  restored step is due an evaluation that is not recorded (its run was
+  stopped in it).
 
   Restores or initializes the state, writes the run's files and starts the
   logger (which sets aside records after the state's step).
@@ -478,12 +534,18 @@ def _start(config: Any, spec: config_validation.RunSpec, c: Components,
     position = None
   start = int(host_state.step)
   if parallel.is_host0():
-    _write_run_info(config, spec, host_state, c.logger)
+    _write_run_info(config, spec, host_state, c.logger, resuming)
   kept = c.logger.start(start)
   # A finished run (its final evaluation recorded) is not evaluated again
   # unless asked; every process learns process 0's answer.
-  done = parallel.allgather_json(_final_record(kept, spec.total_steps))[0]
-  return host_state, position, done
+  every = config.eval.every_steps
+  eval_missing = (bool(every) and 0 < start < spec.total_steps
+                  and start % every == 0
+                  and not any(r["split"] == "eval" and r["step"] == start
+                              for r in kept))
+  done, eval_missing = parallel.allgather_json(
+      [_final_record(kept, spec.total_steps), eval_missing])[0]
+  return host_state, position, done, eval_missing
 
 
 def _final_record(records: list[dict], total_steps: int
@@ -508,10 +570,11 @@ def final_line(step: int, metrics: dict[str, float]) -> str:
 
 
 def _write_run_info(config: Any, spec: config_validation.RunSpec,
-                    state: TrainState, logger: run_logging.RunLogger) -> None:
-  os.makedirs(config.workdir, exist_ok=True)
-  with open(os.path.join(config.workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+                    state: TrainState, logger: run_logging.RunLogger,
+                    resuming: bool) -> None:
+  config_file = os.path.join(config.workdir, run_identity.CONFIG_FILE)
+  if not (resuming and os.path.exists(config_file)):
+    run_identity.write_config(config.workdir, config)
   with open(os.path.join(config.workdir, "run_spec.json"), "w") as f:
     json.dump({**spec.__dict__, "devices": jax.device_count(),
                "processes": jax.process_count()}, f, indent=2)

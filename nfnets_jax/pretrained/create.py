@@ -39,6 +39,7 @@ import numpy as np
 from nfnets_jax.cpu import compiler
 from nfnets_jax.cpu import lowering
 from nfnets_jax.experiment import checkpoint_io
+from nfnets_jax.experiment import run_identity
 from nfnets_jax.models import families
 from nfnets_jax.models import stats
 from nfnets_jax.pretrained import checks
@@ -215,7 +216,9 @@ def read_class_names(workdir: str) -> tuple[str, ...] | None:
 
 
 def workdir_spec(workdir: str) -> registry.ModelSpec:
-  """The model and eval geometry of an `nfnets-train` workdir's config.json.
+  """The model and eval geometry of an `nfnets-train` workdir's config (its
+  config.json with the changes resumes were allowed,
+  `run_identity.workdir_config`).
 
   Raises:
     FileNotFoundError: no config.json (not a workdir).
@@ -225,7 +228,7 @@ def workdir_spec(workdir: str) -> registry.ModelSpec:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir!r} is a directory without "
                             "config.json; not an nfnets-train workdir")
-  config = _read_json(path)
+  config = run_identity.workdir_config(workdir)
   run = os.path.basename(os.path.normpath(workdir))
   try:
     kwargs = dict(config["model"].get("kwargs") or {})

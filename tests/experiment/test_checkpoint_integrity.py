@@ -256,8 +256,8 @@ def test_checksum_covers_dtype_shape_and_bytes():
 def test_late_read_callbacks_dropped_other_unraisables_kept(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpoint_io.drop_late_read_callbacks()
-  checkpoint_io.drop_late_read_callbacks()  # Wraps once.
+  checkpoint_io.drop_late_io_callbacks()
+  checkpoint_io.drop_late_io_callbacks()  # Wraps once.
   late = RuntimeError("Event loop is closed")
   sys.unraisablehook(types.SimpleNamespace(
       exc_type=RuntimeError, exc_value=late, exc_traceback=None,

@@ -63,9 +63,9 @@ def test_pretrained_read_once_and_resume_builds_a_template(
 
   # Resumed to step 4: the template is traced, the pretrained weights are
   # not read again (only the file's first bytes, for its forward) and no
-  # initializer runs.
+  # initializer runs. A longer run changes the schedule: allowed by name.
   finetune.train.num_steps = 4
-  second = loop.run(finetune)
+  second = loop.run(finetune, allow_config_change=["train.num_steps"])
   assert (len(reads), len(inits), len(templates)) == (1, 1, 1)
   (net, tx), _ = templates[0]
   assert all(isinstance(x, jax.ShapeDtypeStruct)

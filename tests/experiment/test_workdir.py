@@ -17,6 +17,7 @@ import pytest
 
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import loop
+from nfnets_jax.experiment import run_identity
 from nfnets_jax.experiment import workdir_lock
 import train_harness as testing
 
@@ -116,49 +117,53 @@ def test_a_finished_workdir_reports_its_result_or_reevaluates(
     np.testing.assert_allclose(after[-1][key], final[key], atol=2 / 360)
 
 
-def _sigterm_then(fn):
-  """`fn`, after this process has been sent SIGTERM (as `kill PID` does)."""
-  def wrapped(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
-    return fn(*args, **kwargs)
-  return wrapped
-
-
-def test_sigterm_before_training_exits_130_saying_nothing_was_lost(
-    tmp_path, monkeypatch):
-  workdir = str(tmp_path / "w")
-  monkeypatch.setattr(loop, "initial_state", _sigterm_then(loop.initial_state))
-  proc = testing.train_in_process(workdir)
-  assert proc.returncode == 130, proc.stderr[-3000:]
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "nfnets-train: SIGTERM before the first step: stopped before training; "
-      "nothing new to save (the workdir keeps what earlier runs saved)")
-  assert testing.checkpoint_steps(workdir) == []
-
-
 @pytest.mark.slow
-def test_sigterm_in_the_final_evaluation_exits_130_and_resumes_to_it(
-    reference_run, tmp_path, monkeypatch):
-  """The final checkpoint is saved, its evaluation not recorded: a second
-  run evaluates it, once."""
+def test_a_resume_that_changes_the_model_is_refused_unless_allowed(tmp_path):
+  """A resume with another activation (same shapes) and run length: exit 2
+  naming both values of each; with the override it trains, the original
+  config.json kept and the changes recorded beside it."""
   workdir = str(tmp_path / "w")
-  shutil.copytree(reference_run, workdir)
-  records = run_logging.read_metrics(workdir)
-  assert (records[-1]["split"], records[-1]["step"]) == ("eval", 12)
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records[:-1])
-
-  with monkeypatch.context() as m:
-    m.setattr(loop, "run_evaluation", _sigterm_then(loop.run_evaluation))
-    proc = testing.train_in_process(workdir)
-  assert proc.returncode == 130, proc.stderr[-3000:]
-  assert proc.stderr.strip().splitlines()[-1] == (
-      "nfnets-train: SIGTERM at step 12: stopped in the final evaluation; "
-      "the final checkpoint is saved, run again to evaluate it")
-  assert run_logging.read_metrics(workdir) == records[:-1]
-
-  proc = testing.train_in_process(workdir)
+  proc = testing.train_in_process(workdir, "--config.train.num_steps=4")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  evals = [r for r in run_logging.read_metrics(workdir) if r["step"] == 12
-           and r["split"] == "eval"]
-  assert len(evals) == 1 and evals[0]["count"] == 360
+  config_json = (tmp_path / "w" / run_identity.CONFIG_FILE).read_bytes()
+  logged = run_logging.read_metrics(workdir)
+
+  changed = ("--config.model.kwargs.activation=relu",
+             "--config.eval.every_steps=0")  # Free: not the trained state.
+  proc = testing.train_in_process(workdir, *changed)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  message = proc.stderr.split("nfnets-train: error: ")[1]
+  assert message.splitlines()[1:3] == [
+      "  config.model.kwargs.activation: recorded 'gelu', now 'relu'",
+      "  config.train.num_steps: recorded 4, now 12"]
+  assert ("--allow_config_change=model.kwargs.activation,train.num_steps"
+          in message)
+  assert testing.checkpoint_steps(workdir) == [2, 4]
+  assert run_logging.read_metrics(workdir) == logged
+
+  proc = testing.train_in_process(
+      workdir, *changed,
+      "--allow_config_change=model.kwargs.activation,train.num_steps")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert testing.checkpoint_steps(workdir)[-1] == 12
+  assert (tmp_path / "w" / run_identity.CONFIG_FILE).read_bytes() == config_json
+  with open(os.path.join(workdir, run_identity.CHANGES_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 1 and records[0]["step"] == 4
+  assert records[0]["changes"] == {
+      "model.kwargs.activation": ["gelu", "relu"],
+      "train.num_steps": [4, 12]}
+  now = run_identity.workdir_config(workdir)
+  assert now["model"]["kwargs"]["activation"] == "relu"
+  assert now["train"]["num_steps"] == 12
+
+
+def test_identity_ignores_free_fields_and_names_missing_ones():
+  recorded = {"model": {"name": "NFNet", "kwargs": {}},
+              "eval": {"every_steps": 5}, "train": {"num_steps": 4}}
+  now = {"model": {"name": "NFNet", "kwargs": {"activation": "relu"}},
+         "eval": {"every_steps": 0}, "train": {"num_steps": 4}}
+  changes = run_identity.identity_changes(recorded, now)
+  assert changes == {"model.kwargs.activation": ("(not set)", "relu")}
+  assert run_identity.unflatten(run_identity.flatten(now)) == now
