@@ -128,8 +128,9 @@ class Model:
       self._jitted[impl] = compiler.jit(self.logits)
     return self._jitted[impl](self.params, self.state, jnp.asarray(images))
 
-  def preprocess(self, image: np.ndarray) -> np.ndarray:
-    """One `[H, W, 3]` 0-255 RGB image -> the model's eval input."""
+  def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
+    """One `[H, W, 3]` 0-255 RGB image, or an image file's path, -> the
+    model's eval input (`DataConfig.preprocess`)."""
     return self.data_config.preprocess(image)
 
 

@@ -63,8 +63,9 @@ class ExportedModel:
     """Logits `[N, num_classes]` of normalized `[N, S, S, 3]` images."""
     return self.exported.call(jnp.asarray(images, jnp.float32))
 
-  def preprocess(self, image: np.ndarray) -> np.ndarray:
-    """One `[H, W, 3]` 0-255 RGB image -> the model's eval input."""
+  def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
+    """One `[H, W, 3]` 0-255 RGB image, or an image file's path, -> the
+    model's eval input (`DataConfig.preprocess`)."""
     return self.data_config.preprocess(image)
 
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import dataclasses
 import difflib
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from nfnets_jax.models import nf_regnet
 from nfnets_jax.models import nfnet
 from nfnets_jax.models import resnet
+from nfnets_jax.data import images
 from nfnets_jax.data import preprocessing
 from nfnets_jax.pretrained.timm import OFFICIAL_NFNET_KWARGS
 from nfnets_jax.pretrained.timm import TIMM_NFNET_KWARGS
@@ -66,7 +68,8 @@ class DataConfig:
   std: tuple[float, float, float] = preprocessing.STDDEV_RGB
   interpolation: str = "bicubic"
 
-  def preprocess(self, image: np.ndarray) -> np.ndarray:
+  def preprocess(self, image: np.ndarray | str | os.PathLike
+                 ) -> np.ndarray:
     """The evaluation pipeline's preprocessing of one image.
 
     Resize (bicubic, aspect not kept) to `test_size + crop_padding`, central
@@ -74,14 +77,21 @@ class DataConfig:
     eval mode.
 
     Args:
-      image: `[H, W, 3]` RGB, 0-255 (uint8 or float).
+      image: `[H, W, 3]` RGB, 0-255 (uint8 or float), or an image file's
+        path, read by `nfnets_jax.data.images.read_rgb` (16-bit scaled,
+        transparency over white, EXIF orientation, CMYK: the picture a
+        person sees; `nfnets-predict` and image folders read it so too).
 
     Returns:
       float32 `[test_size, test_size, 3]`.
 
     Raises:
       ValueError: a mean/std/interpolation the eval pipeline does not have.
+      nfnets_jax.data.ImageDecodeError: a file that cannot be read (its
+        subclass `ImageTooLargeError`: over PIL's pixel limit).
     """
+    if isinstance(image, (str, os.PathLike)):
+      image = images.read_rgb(image)
     if (tuple(self.mean) != tuple(preprocessing.MEAN_RGB)
         or tuple(self.std) != tuple(preprocessing.STDDEV_RGB)
         or self.interpolation != "bicubic"):

@@ -354,3 +354,18 @@ def test_pipeline_stops_on_a_refused_image_by_name(tmp_path, huge):
     next(it)
   assert isinstance(err.value, images.ImageTooLargeError)
   assert err.value.path == str(bad)
+
+
+def test_model_preprocess_reads_a_path_as_predict_does(tmp_path):
+  """`DataConfig.preprocess` (behind `Model.preprocess`) of a 16-bit PNG's
+  path equals that of its 8-bit RGB picture, to one grey level."""
+  from nfnets_jax.pretrained import registry  # pylint: disable=g-import-not-at-top
+  grey = digit16(np.random.default_rng(3))
+  path = tmp_path / 'digit16.png'
+  Image.fromarray(grey).save(path)
+  config = registry.DataConfig(train_size=16, test_size=16, crop_padding=4)
+  from_path = config.preprocess(path)
+  from_pixels = config.preprocess(grey3(to_8bit(grey)))
+  one_level = 1 / min(config.std)  # std in 0-255 units.
+  np.testing.assert_allclose(from_path, from_pixels, atol=one_level)
+  assert from_path.shape == (16, 16, 3)
