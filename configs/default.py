@@ -67,7 +67,10 @@ allowed):
       lr {base_lr, base_batch_size (peak = base_lr * batch /
       base_batch_size), warmup_epochs, schedule ('cosine', 'constant',
       'exponential'), end_lr_factor, decay_factor, decay_epochs},
-      track_clip_stats (log AGC clip fractions).
+      track_clip_stats (log AGC clip fractions), sam {rho (0: off; SAM's
+      neighbourhood radius), sync_perturbations (False: each device
+      perturbs with its own shard's gradient, the SAM paper's m-sharpness;
+      True: with the global gradient)}.
   distributed.initialize: True, False or 'auto' (on when a coordinator
       address is given or SLURM/MPI/TPU-pod/JAX_COORDINATOR_ADDRESS says so);
       coordinator_address, num_processes, process_id (None: auto-detect).

@@ -40,6 +40,7 @@ from nfnets_jax.optim.optimizers import agc_mask
 from nfnets_jax.optim.optimizers import make_optimizer
 from nfnets_jax.optim.optimizers import make_schedule
 from nfnets_jax.optim.optimizers import weight_decay_mask
+from nfnets_jax.optim.optimizers import with_sam
 from nfnets_jax.pretrained.checks import ParamsMismatchError
 from nfnets_jax.pretrained.checks import check_params
 from nfnets_jax.pretrained.checks import infer_variant
@@ -103,5 +104,6 @@ __all__ = (
     "TIMM_NFNET_KWARGS",
     "UnsafeCheckpointError",
     "weight_decay_mask",
+    "with_sam",
     "WSConv2D",
 )

@@ -103,6 +103,7 @@ def base_config() -> config_dict.ConfigDict:
               "decay_epochs": _placeholder(float),
           },
           "track_clip_stats": False,
+          "sam": {"rho": 0.0, "sync_perturbations": False},
       },
       "distributed": {
           "initialize": "auto",

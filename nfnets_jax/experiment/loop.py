@@ -52,6 +52,7 @@ from nfnets_jax.experiment import workdir_lock
 from nfnets_jax.models import families
 from nfnets_jax.models import stats
 from nfnets_jax.optim import agc
+from nfnets_jax.optim import optimizers
 from nfnets_jax.pretrained import create
 
 TrainState = ts.TrainState
@@ -155,10 +156,12 @@ def build(config: Any, plan: config_validation.RunPlan) -> Components:
                               spec.num_classes)
   clip_stats = agc.clip_stats if config.optimizer.track_clip_stats else None
   fast = spec.total_steps <= FAST_COMPILE_STEPS
+  train_step = ts.make_train_step(
+      net, plan.tx, plan.schedule, config.train, clip_stats=clip_stats,
+      sam_perturbation=optimizers.sam_perturbation(config.optimizer),
+      fast_compile=fast)
   return Components(
-      net=net, tx=plan.tx, schedule=plan.schedule,
-      train_step=ts.make_train_step(net, plan.tx, plan.schedule, config.train,
-                                    clip_stats=clip_stats, fast_compile=fast),
+      net=net, tx=plan.tx, schedule=plan.schedule, train_step=train_step,
       eval_step=evaluation.make_eval_step(net, config.train.loss,
                                           fast_compile=fast),
       mesh=parallel.local_mesh(),

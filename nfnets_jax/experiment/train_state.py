@@ -27,6 +27,7 @@ from nfnets_jax.cpu import compiler
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
 from nfnets_jax.models import stats
+from nfnets_jax.optim import optimizers
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -140,6 +141,7 @@ def make_train_step(
     net: hk.TransformedWithState, tx: optax.GradientTransformation,
     schedule: optax.Schedule, train_config: Any, *,
     clip_stats: Callable[[optax.OptState], Metrics] | None = None,
+    sam_perturbation: str | None = None,
     fast_compile: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the pmapped `train_step(state, batch) -> (state, metrics)`.
@@ -156,6 +158,12 @@ def make_train_step(
     schedule: learning rate as a function of the step (for logging).
     train_config: `config.train`.
     clip_stats: optional `opt_state -> metrics` (AGC clip statistics).
+    sam_perturbation: for a SAM optimizer (`optimizers.with_sam`), the
+      gradient its ascent step takes: `optimizers.PER_DEVICE` (each device's
+      own, the SAM paper's m-sharpness) or `optimizers.GLOBAL` (the mean
+      over devices). The gradient at the perturbed weights is computed on
+      the same images with the same random key and averaged over devices
+      before the outer update. None: `tx` is not SAM.
     fast_compile: compile without LLVM's expensive passes (a run of a few
       steps, where compiling dominates; `cpu.compiler.FAST_OPTIONS`).
   """
@@ -179,11 +187,21 @@ def make_train_step(
     step_key = jax.random.fold_in(state.rng, state.step)
     key = jax.random.fold_in(step_key, lax.axis_index(parallel.AXIS))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, model_state)), grads = grad_fn(
+    (loss, (logits, model_state)), local_grads = grad_fn(
         state.params, state.model_state, batch, key)
-    grads = lax.pmean(grads, parallel.AXIS)
+    grads = lax.pmean(local_grads, parallel.AXIS)
+    tx_grads, extra = grads, {}
+    if sam_perturbation is not None:
+      def perturbed_grads(params, _):
+        g, _ = jax.grad(loss_fn, has_aux=True)(params, state.model_state,
+                                               batch, key)
+        return lax.pmean(g, parallel.AXIS)
+      extra["grad_fn"] = perturbed_grads
+      if sam_perturbation == optimizers.PER_DEVICE:
+        tx_grads = local_grads  # The ascent's; the update's is averaged.
     model_state = _pmean_floats(model_state)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(tx_grads, state.opt_state, state.params,
+                                   **extra)
     params = optax.apply_updates(state.params, updates)
     ema_params, ema_model_state = state.ema_params, state.ema_model_state
     if ema_decay is not None:
@@ -199,6 +217,8 @@ def make_train_step(
     if clip_stats is not None:
       metrics.update(clip_stats(opt_state))
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    if sam_perturbation is not None:  # The perturbed gradient's too.
+      finite &= jnp.isfinite(optax.tree.norm(updates))
     metrics["finite"] = finite
 
     new_state = TrainState(params=params, model_state=model_state,

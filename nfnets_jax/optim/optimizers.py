@@ -476,7 +476,8 @@ def make_optimizer(
   then the named optimizer with its (masked) weight decay, with the learning
   rate from `make_schedule`. With `name='sgd'`, `kwargs={'momentum': 0.9,
   'nesterov': True}`, `weight_decay=2e-5`, `agc.clipping=0.01` this is the
-  NFNet recipe of the paper and the official `experiment_nfnets.py`.
+  NFNet recipe of the paper and the official `experiment_nfnets.py`. With
+  `sam.rho > 0` the chain is wrapped in SAM (`with_sam`).
 
   Args:
     config: the experiment's `config.optimizer`, with fields
@@ -485,7 +486,8 @@ def make_optimizer(
       eps: float, classifier_module: str | None}`; clipping None or 0
       disables AGC), `lr` (`{base_lr, base_batch_size=256, warmup_epochs=0,
       schedule='cosine', end_lr_factor=0, decay_factor, decay_epochs}`, see
-      `make_schedule`), `track_clip_stats` (bool, default False).
+      `make_schedule`), `track_clip_stats` (bool, default False), `sam`
+      (`{rho: float, 0 = off, sync_perturbations: bool}`).
     batch_size: global batch size.
     steps_per_epoch: optimizer steps per epoch.
     total_epochs: epochs of training.
@@ -542,15 +544,53 @@ def make_optimizer(
     raise ValueError(
         "config.optimizer.name='sgd_agc' needs config.optimizer.agc.clipping "
         "> 0 (the paper uses 0.01); use name='sgd' for SGD without AGC.")
-  if not clipping:
-    return base, schedule
-  eps = agc_cfg.get("eps", 1e-3)
-  _check("config.optimizer.agc.eps", eps, eps >= 0, ">= 0")
-  classifier = agc_cfg.get("classifier_module")
-  if params is None:
-    mask = lambda tree: agc_mask(tree, classifier_module=classifier)
-  else:
-    mask = agc_mask(params, classifier_module=classifier)
-  clip = agc_lib.adaptive_grad_clip(
-      clipping, eps, track_clip_stats=bool(config.get("track_clip_stats")))
-  return optax.chain(optax.masked(clip, mask), base), schedule
+  tx = base
+  if clipping:
+    eps = agc_cfg.get("eps", 1e-3)
+    _check("config.optimizer.agc.eps", eps, eps >= 0, ">= 0")
+    classifier = agc_cfg.get("classifier_module")
+    if params is None:
+      mask = lambda tree: agc_mask(tree, classifier_module=classifier)
+    else:
+      mask = agc_mask(params, classifier_module=classifier)
+    clip = agc_lib.adaptive_grad_clip(
+        clipping, eps, track_clip_stats=bool(config.get("track_clip_stats")))
+    tx = optax.chain(optax.masked(clip, mask), base)
+  rho = (config.get("sam") or {}).get("rho") or 0.0
+  _check("config.optimizer.sam.rho", rho, rho >= 0, ">= 0 (0: no SAM)")
+  return (with_sam(tx, rho) if rho else tx), schedule
+
+
+def with_sam(tx: optax.GradientTransformation, rho: float
+             ) -> optax.GradientTransformationExtraArgs:
+  """Sharpness-Aware Minimization around `tx` (Foret et al., ICLR 2021).
+
+  `optax.contrib.sam` in opaque mode: each `update(g, state, params,
+  grad_fn=...)` takes the ascent step `params + rho * g / ||g||` (the
+  gradient normalized over the whole tree, `optax.contrib.normalize`), calls
+  `grad_fn(perturbed_params, 0)` for the gradient there, and passes that
+  gradient through `tx` (AGC, weight decay, momentum, learning rate) at the
+  unperturbed params, exactly as `tx` treats a gradient without SAM. Which
+  gradient `g` is (a device's own or the global one) is the caller's choice
+  (`train_state.make_train_step`).
+
+  Args:
+    tx: the outer optimizer.
+    rho: the neighbourhood radius (> 0).
+  """
+  ascent = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+  return optax.contrib.sam(tx, ascent, sync_period=2, opaque_mode=True)
+
+
+# How a SAM run's ascent gradient is taken across devices.
+PER_DEVICE, GLOBAL = "per_device", "global"
+
+
+def sam_perturbation(config: ml_collections.ConfigDict) -> Optional[str]:
+  """`None` without SAM; `PER_DEVICE` (each device perturbs with its own
+  shard's gradient: the SAM paper's m-sharpness, m = the per-device batch)
+  or `GLOBAL` (all with the global gradient), from `config.optimizer.sam`."""
+  sam = config.get("sam") or {}
+  if not sam.get("rho"):
+    return None
+  return GLOBAL if sam.get("sync_perturbations") else PER_DEVICE

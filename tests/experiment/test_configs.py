@@ -97,6 +97,10 @@ def test_nfnet_recipe(variant):
   assert c.train.image_size == v.train_imsize
   assert c.eval.image_size == v.test_imsize
   assert c.eval.crop_padding == 32
+  # F6 as the paper trained it: SAM (the SAM paper's ImageNet rho, per-device
+  # perturbations); the others without.
+  sam = (0.05, False) if variant == "F6" else (0.0, False)
+  assert (c.optimizer.sam.rho, c.optimizer.sam.sync_perturbations) == sam
 
 
 def test_nf_regnet_recipe():
