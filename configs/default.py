@@ -36,7 +36,10 @@ allowed):
   dataset.num_shards: data shards (0: one per process); a fixed value keeps
       the data stream identical across host counts.
   train.global_batch_size: images per step over all devices and hosts; a
-      multiple of the device count.
+      multiple of the device count (times accumulation_steps).
+  train.accumulation_steps: each device's share of a step is split into
+      this many micro-batches whose gradients are averaged before one
+      update (1: no accumulation); the recipe's batch on less memory.
   train.num_epochs / num_steps: run length; num_steps wins when both set.
   train.image_size: training resolution.
   train.augment: random_crop, flip (bools), randaugment_layers,

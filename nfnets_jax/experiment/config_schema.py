@@ -52,6 +52,7 @@ def base_config() -> config_dict.ConfigDict:
       },
       "train": {
           "global_batch_size": 256,
+          "accumulation_steps": 1,
           "num_epochs": _placeholder(float),
           "num_steps": _placeholder(int),
           "image_size": 32,

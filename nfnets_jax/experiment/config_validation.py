@@ -181,13 +181,19 @@ def _check_sizes(config: Any, p: _Problems) -> None:
              config.dataset.num_shards,
              f"0 (one per process) or a multiple of the process count "
              f"{num_processes}"):
-    need = math.lcm(num_devices, num_shards)
-    p.check(_is_int(t.global_batch_size) and t.global_batch_size > 0
-            and t.global_batch_size % need == 0, "train.global_batch_size",
-            t.global_batch_size,
-            f"a positive multiple of {need} (the number of devices, "
-            f"{devices}, and of data shards, {num_shards})" if need > 1
-            else "a positive int")
+    accumulation = t.accumulation_steps
+    if p.check(_is_int(accumulation) and accumulation > 0,
+               "train.accumulation_steps", accumulation,
+               "a positive int (1: no gradient accumulation)"):
+      need = math.lcm(num_devices * accumulation, num_shards)
+      what = (f"the number of devices, {devices}, times "
+              f"train.accumulation_steps={accumulation}" if accumulation > 1
+              else f"the number of devices, {devices}")
+      p.check(_is_int(t.global_batch_size) and t.global_batch_size > 0
+              and t.global_batch_size % need == 0, "train.global_batch_size",
+              t.global_batch_size,
+              f"a positive multiple of {need} ({what}, and of data shards, "
+              f"{num_shards})" if need > 1 else "a positive int")
   p.check(_is_int(e.batch_size) and e.batch_size > 0
           and e.batch_size % num_devices == 0, "eval.batch_size",
           e.batch_size, f"a positive multiple of {num_devices} ({devices})"

@@ -156,7 +156,8 @@ def make_train_step(
     net: from `models.families.make_network`.
     tx: the optimizer (its `update` receives the params, for AGC).
     schedule: learning rate as a function of the step (for logging).
-    train_config: `config.train`.
+    train_config: `config.train` (`accumulation_steps` micro-batches per
+      device and step, their gradients averaged before one update).
     clip_stats: optional `opt_state -> metrics` (AGC clip statistics).
     sam_perturbation: for a SAM optimizer (`optimizers.with_sam`), the
       gradient its ascent step takes: `optimizers.PER_DEVICE` (each device's
@@ -172,6 +173,7 @@ def make_train_step(
   loss_kind = train_config.loss
   ema_decay = train_config.ema_decay
   ema_warmup = bool(train_config.ema_warmup)
+  accumulation = int(train_config.accumulation_steps)
 
   def loss_fn(params, model_state, batch, key):
     images = batch["images"].astype(compute_dtype)
@@ -182,19 +184,49 @@ def make_train_step(
     loss = jnp.mean(losses.cross_entropy(logits, targets, loss_kind))
     return loss, (logits, model_state)
 
+  def loss_and_grads(params, model_state, batch, key):
+    """`((loss, (logits, model_state)), grads)` of this device's batch.
+
+    With accumulation, the batch is split into `accumulation` micro-batches
+    (consecutive examples) run one after another (`lax.scan`: one
+    micro-batch's activations in memory at a time); loss and gradients are
+    their means, the model state (batch-norm statistics) is carried from
+    one to the next, each micro-batch draws its own random key.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulation == 1:
+      return grad_fn(params, model_state, batch, key)
+    micro = jax.tree.map(
+        lambda x: x.reshape((accumulation, x.shape[0] // accumulation)
+                            + x.shape[1:]), batch)
+
+    def one(carry, xs):
+      model_state, grad_sum, loss_sum = carry
+      micro_batch, index = xs
+      (loss, (logits, model_state)), grads = grad_fn(
+          params, model_state, micro_batch, jax.random.fold_in(key, index))
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (model_state, grad_sum, loss_sum + loss), logits
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (model_state, grad_sum, loss_sum), logits = lax.scan(
+        one, (model_state, zeros, jnp.zeros((), jnp.float32)),
+        (micro, jnp.arange(accumulation)))
+    grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+    logits = logits.reshape((-1,) + logits.shape[2:])
+    return (loss_sum / accumulation, (logits, model_state)), grads
+
   def train_step(state: TrainState, batch: Batch
                  ) -> tuple[TrainState, Metrics]:
     step_key = jax.random.fold_in(state.rng, state.step)
     key = jax.random.fold_in(step_key, lax.axis_index(parallel.AXIS))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (logits, model_state)), local_grads = grad_fn(
+    (loss, (logits, model_state)), local_grads = loss_and_grads(
         state.params, state.model_state, batch, key)
     grads = lax.pmean(local_grads, parallel.AXIS)
     tx_grads, extra = grads, {}
     if sam_perturbation is not None:
       def perturbed_grads(params, _):
-        g, _ = jax.grad(loss_fn, has_aux=True)(params, state.model_state,
-                                               batch, key)
+        _, g = loss_and_grads(params, state.model_state, batch, key)
         return lax.pmean(g, parallel.AXIS)
       extra["grad_fn"] = perturbed_grads
       if sam_perturbation == optimizers.PER_DEVICE:

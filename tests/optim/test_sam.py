@@ -134,7 +134,8 @@ _SCRIPT = textwrap.dedent("""
         "logits": hk.Linear(3)(images.reshape(images.shape[0], -1))})
     config = types.SimpleNamespace(compute_dtype="float32",
                                    label_smoothing=0.0, loss="softmax",
-                                   ema_decay=None, ema_warmup=True)
+                                   ema_decay=None, ema_warmup=True,
+                                   accumulation_steps=1)
     tx = sam_tx({"linear": {"w": True, "b": False}})
     mesh = parallel.local_mesh()
     batch = parallel.shard({"images": images, "labels": y.astype(np.int32),
