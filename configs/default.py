@@ -24,6 +24,8 @@ allowed):
   model.name: a key of `nfnets_jax.models.MODELS` ('NFNet', ...).
   model.kwargs: keyword arguments of the model class (e.g. variant='F0' or a
       custom variant mapping, stochdepth_rate, drop_rate, activation).
+  model.remat: recompute each residual block's activations in the backward
+      pass (less memory, one more forward; NF families).
   dataset.name: 'digits' (embedded), 'image_folder' (your images: one
       folder per class) or a prepared TFDS dataset ('imagenet2012',
       'cifar10', ...).

@@ -38,6 +38,7 @@ def base_config() -> config_dict.ConfigDict:
       "model": {
           "name": "NFNet",
           "kwargs": {},
+          "remat": False,
       },
       "dataset": {
           "name": "digits",

@@ -321,7 +321,12 @@ def _dataset_spec(config: Any, p: _Problems) -> data_lib.DatasetInfo | None:
 
 def _model_problems(config: Any, num_classes: int, p: _Problems) -> None:
   m = config.model
-  net = families.make_network(m.name, m.kwargs, num_classes)
+  try:
+    net = families.make_network(m.name, m.kwargs, num_classes,
+                                remat=bool(m.remat))
+  except ValueError as err:  # Names config.model.remat already.
+    p.add(str(err))
+    return
   jaxprs = {}
   for field, size in (("train.image_size", config.train.image_size),
                       ("eval.image_size", config.eval.image_size)):

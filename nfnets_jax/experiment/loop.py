@@ -153,7 +153,7 @@ def build(config: Any, plan: config_validation.RunPlan) -> Components:
   """Network, pmapped steps, checkpointer and logger (creates the workdir)."""
   spec = plan.spec
   net = families.make_network(config.model.name, config.model.kwargs,
-                              spec.num_classes)
+                              spec.num_classes, remat=config.model.remat)
   clip_stats = agc.clip_stats if config.optimizer.track_clip_stats else None
   fast = spec.total_steps <= FAST_COMPILE_STEPS
   train_step = ts.make_train_step(

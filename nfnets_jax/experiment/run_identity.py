@@ -5,8 +5,8 @@ never overwritten. A run that resumes from the workdir's checkpoints must
 train the network and recipe they were trained with: every config field is
 part of that identity (model name and kwargs, dataset, image sizes,
 optimizer and schedule, augmentation, dtype, seed, run length) except
-`FREE_FIELDS`, which cannot change the trained state (where files are, how
-often to log, evaluate or save, how the processes find each other, the
+`FREE_FIELDS`, which cannot change the trained state (where files are,
+rematerialization, how often to log, evaluate or save, how the processes find each other, the
 pretrained start that only a fresh run reads).
 
 A resume that changes an identity field is refused (`ConfigChangedError`,
@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 # Fields (and the fields under them) that may change on a resume.
 FREE_FIELDS = (
-    "workdir", "dataset.data_dir", "dataset.num_workers",
+    "workdir", "model.remat", "dataset.data_dir", "dataset.num_workers",
     "train.log_every_steps", "train.prefetch", "train.debug_nan_at_step",
     "eval", "checkpoint", "distributed", "pretrained", "logging")
 

@@ -8,6 +8,7 @@ A config or a registry entry names a model as `(family, kwargs)`;
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import inspect
 from typing import Any
 
 import haiku as hk
@@ -67,20 +68,35 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> hk.Module:
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int
-                 ) -> hk.TransformedWithState:
+def remat_families() -> list[str]:
+  """The families whose residual blocks can be rematerialized."""
+  return sorted(name for name, cls in MODELS.items()
+                if "remat" in inspect.signature(cls).parameters)
+
+
+def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
+                 *, remat: bool = False) -> hk.TransformedWithState:
   """`hk.transform_with_state` of `forward(images, is_training)` -> outputs.
 
   Args:
     family: a key of `MODELS`.
     kwargs: its constructor arguments (a dict or a ConfigDict).
     num_classes: classifier outputs.
+    remat: recompute each residual block's activations in the backward pass
+      (`config.model.remat`; `layers.apply_blocks`).
 
   Raises:
-    ValueError: unknown family, or a run-time setting among kwargs.
+    ValueError: unknown family, a run-time setting among kwargs, or remat
+      for a family without it.
   """
   kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
   check_family(family, kwargs)
+  if remat:
+    if family not in remat_families():
+      raise ValueError(
+          f"config.model.remat=True is not supported by {family}; allowed "
+          f"with {', '.join(remat_families())} (or False)")
+    kwargs["remat"] = True
 
   def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
     return build_model(family, num_classes, **kwargs)(

@@ -253,8 +253,8 @@ def signal_metrics(x: jax.Array, i: int) -> dict[str, jax.Array]:
 
 
 def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
-                 x: jax.Array, return_metrics: bool, **block_kwargs
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 x: jax.Array, return_metrics: bool, *, remat: bool = False,
+                 **block_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs residual blocks in order, collecting signal metrics if asked.
 
   Args:
@@ -263,6 +263,10 @@ def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
     return_metrics: collect `signal_metrics` of the stem output (index 0)
       and of each block's output (index i + 1), and each block's own
       metrics with the suffix `_i`.
+    remat: rematerialize each block (`hk.remat`): its activations are not
+      kept for the backward pass but recomputed there, so training holds
+      about one block's activations instead of every block's; outputs,
+      gradients and parameter names are unchanged.
     **block_kwargs: passed to every block (e.g. `is_training`).
 
   Returns:
@@ -270,7 +274,8 @@ def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
   """
   metrics = signal_metrics(x, 0) if return_metrics else {}
   for i, block in enumerate(blocks):
-    x, block_metrics = block(x, **block_kwargs)
+    call = lambda y, block=block: block(y, **block_kwargs)
+    x, block_metrics = (hk.remat(call) if remat else call)(x)
     if return_metrics:
       metrics.update(signal_metrics(x, i + 1))
       metrics.update({f"{k}_{i}": v for k, v in block_metrics.items()})

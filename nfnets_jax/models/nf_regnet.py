@@ -182,6 +182,7 @@ class NFRegNet(hk.Module):
                skipinit_gain: hk.initializers.Initializer | None = jnp.zeros,
                ch_div: int | None = None, ws_eps: float = 1e-4,
                ws_eps_mode: layers.EpsMode = "clamp",
+               remat: bool = False,
                name: str = "NF_RegNet"):
     """Builds the network.
 
@@ -203,12 +204,15 @@ class NFRegNet(hk.Module):
         8) rounds stage, bottleneck, SE and head widths to multiples of it
         as timm's `make_divisible`, giving timm's `nf_regnet_*` layout.
       ws_eps, ws_eps_mode: passed to `layers.WSConv2D`.
+      remat: recompute each block's activations in the backward pass
+        (`layers.apply_blocks`): less memory, about one more forward.
       name: module name (official: 'NF_RegNet').
 
     Raises:
       ValueError: unknown variant or activation.
     """
     super().__init__(name=name)
+    self.remat = remat
     self.num_classes = num_classes
     self.variant = get_variant(variant)
     self.activation = layers.get_activation(activation)
@@ -259,6 +263,7 @@ class NFRegNet(hk.Module):
     outputs = {}
     out = self.initial_conv(x)
     out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       remat=self.remat,
                                        is_training=is_training)
     outputs.update(metrics)
     out = self.activation(self.final_conv(out))

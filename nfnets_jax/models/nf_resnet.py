@@ -98,6 +98,7 @@ class NFResNet(hk.Module):
                skipinit_gain: hk.initializers.Initializer | None = jnp.zeros,
                se_ratio: float | None = None, use_ws: bool = True,
                ws_eps: float = 1e-4, ws_eps_mode: layers.EpsMode = "clamp",
+               remat: bool = False,
                name: str = "NF_ResNet"):
     """Builds the network.
 
@@ -123,12 +124,15 @@ class NFResNet(hk.Module):
         False plain convs with the same N(0, 1/fan_in) init and a bias,
         the ICLR paper's "NF-ResNet without WS" (its mean shift grows).
       ws_eps, ws_eps_mode: passed to `layers.WSConv2D`.
+      remat: recompute each block's activations in the backward pass
+        (`layers.apply_blocks`): less memory, about one more forward.
       name: module name (official: 'NF_ResNet').
 
     Raises:
       ValueError: unknown depth or activation.
     """
     super().__init__(name=name)
+    self.remat = remat
     self.num_classes = num_classes
     self.depths = resnet.get_depths(depth)
     self.activation = layers.get_activation(activation)
@@ -169,6 +173,7 @@ class NFResNet(hk.Module):
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
     out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       remat=self.remat,
                                        is_training=is_training)
     outputs.update(metrics)
     outputs["pool"], pool = layers.pool_features(

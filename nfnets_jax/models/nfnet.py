@@ -185,6 +185,7 @@ class NFNet(hk.Module):
                final_conv_mult: float = 2.0, use_two_convs: bool = True,
                group_size: int = 128, ws_eps: float = 1e-4,
                ws_eps_mode: layers.EpsMode = "clamp",
+               remat: bool = False,
                name: str = "NFNet"):
     """Builds the network.
 
@@ -203,9 +204,12 @@ class NFNet(hk.Module):
       group_size: channels per group of the 3x3 convs.
       ws_eps, ws_eps_mode: weight standardization floor ('clamp' official,
         'add' as timm).
+      remat: recompute each block's activations in the backward pass
+        (`layers.apply_blocks`): less memory, about one more forward.
       name: module name (official checkpoints use 'NFNet').
     """
     super().__init__(name=name)
+    self.remat = remat
     self.num_classes = num_classes
     self.variant = get_variant(variant)
     self.activation = layers.get_activation(activation)
@@ -252,6 +256,7 @@ class NFNet(hk.Module):
     for i, conv in enumerate(self.stem):
       out = conv(out) if i == 0 else conv(self.activation(out))
     out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
+                                       remat=self.remat,
                                        is_training=is_training)
     outputs.update(metrics)
     out = self.activation(self.final_conv(out))

@@ -1,0 +1,51 @@
+"""Rematerialization (`config.model.remat`): each residual block's
+activations recomputed in the backward pass, with outputs, gradients and
+parameter names unchanged."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nfnets_jax.models import families
+
+VARIANT = {"width": (16, 32), "depth": (2, 1), "train_imsize": 16,
+           "test_imsize": 16, "drop_rate": 0.0, "randaugment_layers": 0,
+           "randaugment_magnitude": 0}
+# The families share `layers.apply_blocks`, where remat is applied; the
+# NFNet is the test's (the cheapest to compile).
+KWARGS = {
+    "NFNet": {"variant": VARIANT, "group_size": 8, "stochdepth_rate": 0.0},
+}
+
+
+def _loss_and_grads(family, remat, images, labels):
+  net = families.make_network(family, KWARGS[family], 10, remat=remat)
+  params, state = net.init(jax.random.PRNGKey(0), images, is_training=True)
+
+  def loss(p):
+    out, _ = net.apply(p, state, jax.random.PRNGKey(1), images,
+                       is_training=True)
+    logp = jax.nn.log_softmax(out["logits"])
+    return -jnp.mean(logp[jnp.arange(len(labels)), labels])
+  return params, jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("family", sorted(KWARGS))
+def test_remat_keeps_outputs_gradients_and_names(family):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 4))
+  params, (loss, grads) = _loss_and_grads(family, False, images, labels)
+  remat_params, (remat_loss, remat_grads) = _loss_and_grads(
+      family, True, images, labels)
+  assert (jax.tree.structure(params) == jax.tree.structure(remat_params))
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(h, g, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_for_a_family_without_it_is_refused_by_name():
+  assert families.remat_families() == ["NFNet", "NFRegNet", "NFResNet"]
+  with pytest.raises(ValueError, match="config.model.remat=True is not "
+                     "supported by ResNet; allowed with NFNet"):
+    families.make_network("ResNet", {"depth": 50}, 10, remat=True)
