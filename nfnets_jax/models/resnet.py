@@ -1,8 +1,10 @@
-"""Pre-activation ResNets (v2), with batch norm or without normalization.
+"""Pre-activation ResNets (v2), with a choice of normalizer or none.
 
 The normalized baseline of the NF papers, and the shared ResNet layout (depth
 table, stage widths, float32-parameter plain convolution) that the NF-ResNet,
-SkipInit and Fixup families build on.
+SkipInit and Fixup families build on. The normalizers (batch norm, the
+official baseline's; running batch norm; layer, instance and group norm) are
+`normalizers.py`'s.
 
 References:
   [He, Zhang, Ren, Sun 2016] Identity Mappings in Deep Residual Networks
@@ -15,15 +17,19 @@ References:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from nfnets_jax.models import layers
+from nfnets_jax.models import normalizers
 
-Normalization = Literal["batchnorm", "none"]
+Normalization = normalizers.Normalization
+# The norm layers' builder and applier, under the names the blocks use.
+make_norm = normalizers.make_norm
+apply_norm = normalizers.apply_norm
 
 # Blocks per stage of the bottleneck ResNets. 26-200 as He et al. / timm,
 # 270-420 as ResNet-RS (Bello et al. 2021), 288 and 600 the deep uniform
@@ -158,29 +164,11 @@ def make_divisible(v: float, divisor: int = 8, min_value: int | None = None,
   return new_v
 
 
-def make_norm(normalization: Normalization, norm_kwargs: Mapping[str, Any],
-              name: str) -> hk.BatchNorm | None:
-  """An `hk.BatchNorm` named `name`, or None for normalization 'none'."""
-  if normalization == "batchnorm":
-    return hk.BatchNorm(name=name, **norm_kwargs)
-  return None
-
-
-def apply_norm(norm: hk.BatchNorm | None, x: jax.Array, is_training: bool,
-               test_local_stats: bool) -> jax.Array:
-  """Batch norm computed in float32 (statistics and parameters), or identity.
-
-  Under normalization 'none' no module exists, so the parameter tree is the
-  batch-norm tree minus the norms.
-  """
-  if norm is None:
-    return x
-  return norm(x.astype(jnp.float32), is_training,
-              test_local_stats).astype(x.dtype)
-
-
 class ResBlockV2(hk.Module):
   """Pre-activation bottleneck: `x + f(act(bn0(x)))`.
+
+  `bn0`, `bn1`, `bn2` are the norm slots (the official names, whatever the
+  normalizer: `normalizers.make_norm`).
 
   `f` is conv0 (1x1) -> bn1, act -> conv1 (3x3, strided) -> bn2, act ->
   conv2 (1x1), all convs without bias.
@@ -236,7 +224,7 @@ class ResBlockV2(hk.Module):
 
 
 class ResNet(hk.Module):
-  """Pre-activation ResNet (v2) with batch norm, or unnormalized.
+  """Pre-activation ResNet (v2) with batch norm, another normalizer, or none.
 
   Stem: 7x7 stride-2 conv and 3x3 stride-2 max pool; four stages of
   bottleneck blocks; final norm, activation, average pool, classifier.
@@ -245,6 +233,8 @@ class ResNet(hk.Module):
   block i (index i + 1): `avg_sq_mean_{i}`, `avg_var_{i}`, `res_avg_var_{i}`,
   `branch_in_avg_var_{i}` (the same keys as `NFNet`).
   Batch norm statistics live in Haiku state (use `hk.transform_with_state`).
+  The norm layers keep the official batch-norm names (`bn0`-`bn2` per block,
+  `final_bn`) under every normalizer, so parameter trees line up.
   """
 
   def __init__(self, num_classes: int, depth: Depth = 50, *,
@@ -261,10 +251,15 @@ class ResNet(hk.Module):
       depth: 26, 50, ... 600 (`RESNET_DEPTHS`), 'ResNet50', or per-stage
         block counts such as (24, 24, 24, 24).
       width: multiplier of the stage widths (64, 128, 256, 512); official 4.
-      normalization: 'batchnorm', or 'none' for the unnormalized ResNet (same
-        layout and init, every norm removed).
-      norm_kwargs: overrides of the `hk.BatchNorm` arguments (default
-        `create_scale=True, create_offset=True, decay_rate=0.9`).
+      normalization: 'batchnorm' (the official baseline), 'running_batchnorm'
+        (the fast.ai course's running batch norm), 'layernorm' (over H, W, C
+        per example), 'instancenorm', 'groupnorm' (at most 32 groups), or
+        'none' for the unnormalized ResNet (same layout and init, every norm
+        removed): `normalizers.NORMALIZATIONS`.
+      norm_kwargs: overrides of the norm layer's arguments
+        (`normalizers.DEFAULT_KWARGS`; 'batchnorm': `create_scale=True,
+        create_offset=True, decay_rate=0.9`, and e.g. `cross_replica_axis`
+        for batch statistics over devices; 'groupnorm': `groups`).
       activation: unscaled nonlinearity name (`layers.RAW_NONLINEARITIES`).
       drop_rate: classifier dropout.
       fc_init: classifier weight init (official: zeros).
@@ -278,16 +273,13 @@ class ResNet(hk.Module):
       ValueError: unknown depth, normalization or activation.
     """
     super().__init__(name=name)
-    if normalization not in ("batchnorm", "none"):
-      raise ValueError(f"normalization={normalization!r}; allowed: "
-                       "'batchnorm', 'none'")
+    normalizers.check_normalization(normalization)
     self.num_classes = num_classes
     self.depths = get_depths(depth)
     self.normalization = normalization
     self.activation = layers.get_activation(activation, scaled=False)
     self.drop_rate = drop_rate
-    norm_kwargs = {"create_scale": True, "create_offset": True,
-                   "decay_rate": 0.9, **(norm_kwargs or {})}
+    norm_kwargs = dict(norm_kwargs or {})
     self.initial_conv = Conv2D(int(16 * width), kernel_shape=7, stride=2,
                                padding="SAME", with_bias=False,
                                name="initial_conv", **(conv_kwargs or {}))
@@ -311,7 +303,8 @@ class ResNet(hk.Module):
       is_training: batch statistics (and updates of the moving averages)
         if True, moving averages if False; enables dropout.
       return_metrics: add the signal propagation metrics.
-      test_local_stats: use batch statistics at evaluation too.
+      test_local_stats: use batch statistics at evaluation too (batch
+        norms only).
     """
     outputs = {}
     out = self.initial_conv(x)

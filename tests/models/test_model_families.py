@@ -270,7 +270,7 @@ def test_depths():
     (nf_regnet.NFRegNet, dict(variant="B9"), "'B9'"),
     (nf_regnet.NFRegNet, dict(variant=dict(width=(8,), depth=(1,))),
      "needs exactly"),
-    (resnet.ResNet, dict(normalization="layernorm"), "'layernorm'"),
+    (resnet.ResNet, dict(normalization="weightnorm"), "'weightnorm'"),
     (resnet.ResNet, dict(depth=(1, 1, 1, 1, 1)), "positive ints"),
     (skipinit_resnet.SkipInitResNet, dict(depth=34), "depth=34"),
     (fixup_resnet.FixupResNet, dict(activation="gelu_fast"), "'gelu_fast'"),
