@@ -120,8 +120,12 @@ def run_script(script: str, devices: int = 4) -> Any:
     The JSON value the script printed on its last line.
   """
   import json  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  # Compiled without LLVM's expensive passes, as the test process is: these
+  # scripts run tiny programs a few times, compiling is most of their time.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([
+      f"--xla_force_host_platform_device_count={devices}",
+      "--xla_backend_optimization_level=0",
+      "--xla_llvm_disable_expensive_passes=true"]))
   proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=300,
                         check=False)
