@@ -49,6 +49,7 @@ def test_a_sam_run_killed_after_step_4_resumes_bit_exact(cache_dir, tmp_path):
       (r["split"], r["step"]) for r in run_logging.read_metrics(reference))
 
 
+@pytest.mark.long  # A full-length run: ~1 minute (-m long).
 def test_the_digits_default_with_sam_reaches_95_percent(tmp_path):
   """`nfnets-train --config configs/default.py --config.optimizer.sam.rho=
   0.05`, as a user runs it (no test compile flags)."""

@@ -20,7 +20,9 @@ from experiments import small_scale as ss
 
 import experiment_outputs
 
-pytestmark = pytest.mark.slow  # End-to-end runs: about a minute each.
+# Whole experiment and benchmark forms, about a minute each: opt-in
+# (`python -m pytest -q -n auto -m long tests`), out of CI's 10 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 NUM_TEST = 360
 CHANCE = 0.1
