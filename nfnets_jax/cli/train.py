@@ -71,11 +71,13 @@ def _train() -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax/grain INFO lines are noise.
   # Each orbax failure reaches the user as one message of ours; orbax's own
-  # error log of it (a traceback per thread) only with --verbose.
-  if errors.verbose_requested():
-    logging.get_absl_logger().removeFilter(_hide_orbax_errors)
-  else:
-    logging.get_absl_logger().addFilter(_hide_orbax_errors)
+  # error log of it (a traceback per thread, and asyncio's report of its
+  # write tasks) only with --verbose.
+  for logger in (logging.get_absl_logger(), std_logging.getLogger("asyncio")):
+    if errors.verbose_requested():
+      logger.removeFilter(_hide_orbax_errors)
+    else:
+      logger.addFilter(_hide_orbax_errors)
   config = _CONFIG.value
   config.workdir = _WORKDIR.value
   try:
@@ -103,9 +105,14 @@ def _train() -> int:
 
 
 def _hide_orbax_errors(record: Any) -> bool:
-  """A `logging` filter: False for orbax's ERROR records."""
-  return not (record.levelno >= std_logging.ERROR
-              and f"{os.sep}orbax{os.sep}" in record.pathname)
+  """A `logging` filter: False for orbax's ERROR records, and for asyncio's
+  "Task exception was never retrieved" about an orbax task (a write whose
+  failure orbax has already raised)."""
+  if record.levelno < std_logging.ERROR:
+    return True
+  if f"{os.sep}orbax{os.sep}" in record.pathname:
+    return False
+  return not (record.name == "asyncio" and "orbax" in record.getMessage())
 
 
 def _forget_parsed_flags() -> None:

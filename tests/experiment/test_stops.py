@@ -9,6 +9,7 @@ file-size limit (RLIMIT_FSIZE) is lowered before its second checkpoint: the
 write fails with an OS error, as on a full disk, also for root.
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -191,3 +192,23 @@ def test_a_save_that_fails_stops_the_run_and_keeps_the_previous_step(
   assert testing.checkpoint_steps(workdir)[-1] == 12
   logged = _logged(workdir)
   assert len(logged) == len(set(logged)) and ("eval", 12) in logged
+
+
+def test_orbax_error_logs_are_hidden_and_others_kept():
+  """`nfnets-train`'s filter: orbax's ERROR records and asyncio's report of
+  an orbax task go (the run's own message says it); anything else stays."""
+  from nfnets_jax.cli import train  # pylint: disable=g-import-not-at-top
+
+  def record(name, path, message, level=logging.ERROR):
+    return logging.LogRecord(name, level, path, 1, message, None, None)
+  orbax_file = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+  asyncio_file = "/lib/python3.11/asyncio/base_events.py"
+  assert not train._hide_orbax_errors(record("absl", orbax_file, "failed"))
+  assert not train._hide_orbax_errors(record(
+      "asyncio", asyncio_file, "Task exception was never retrieved\nfuture: "
+      "<Task coro=<NumpyHandler._open_and_write() defined at "
+      "/site-packages/orbax/checkpoint/_src/serialization/type_handlers.py"))
+  assert train._hide_orbax_errors(record("asyncio", asyncio_file, "other"))
+  assert train._hide_orbax_errors(record("absl", "/x/loop.py", "failed"))
+  assert train._hide_orbax_errors(record("absl", orbax_file, "note",
+                                         logging.WARNING))
