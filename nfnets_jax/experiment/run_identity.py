@@ -140,13 +140,13 @@ def check_resume(workdir: str, config: Any, allowed: Sequence[str] = ()
   """
   current = as_json(config)
   fields = flatten(current)
-  unknown = [n for n in allowed if not any(
-      f == n or f.startswith(n + ".") for f in fields)]
+  unknown = [n for n in allowed
+             if not any(_covers((n,), f) for f in fields)]
   if unknown:
     raise config_schema.ConfigError([
-        config_schema.problem(
-            "--allow_config_change", n, "names of config fields, e.g. "
-            "model.kwargs.activation or train.num_steps") for n in unknown])
+        f"--allow_config_change={n!r} is invalid; allowed: names of config "
+        "fields, e.g. model.kwargs.activation or train.num_steps"
+        for n in unknown])
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):  # A workdir from before config.json.
     return {}
