@@ -287,7 +287,7 @@ def time_steps(trainers: Mapping[str, ss.Trainer], grid: Grid
         0, clipping=clipping(grid, _variant(name)), lr_scale=1.0)
     state = parallel.replicate(host_state, trainer.setup.mesh)
     batch = device_batch(trainer)
-    step = trainer._step(state, batch)  # pylint: disable=protected-access
+    step = trainer.compiled_step(state, batch)
     carry = {"state": state}
 
     def call(step=step, batch=batch, carry=carry):

@@ -277,8 +277,9 @@ class Trainer:
     return make_tx(self.plan.tx, self.setup.params_shape(), clipping=clipping,
                    eps=self.recipe.agc_eps, lr_scale=lr_scale)
 
-  def _step(self, state: Any, batch: Any) -> Any:
-    """The compiled train step (compiled on first use)."""
+  def compiled_step(self, state: Any, batch: Any) -> Any:
+    """The compiled train step for `state` and `batch`'s shapes (compiled on
+    first use, then reused): `(state, batch) -> (state, metrics)`."""
     if self._train_step is None:
       start = time.time()
       # The hyperparameters are read from the state: any template values.
@@ -320,7 +321,7 @@ class Trainer:
       batches = loop.poisoned(batches, 0, nan_at_step)
     device_batches = parallel.prefetch_to_device(batches, mesh)
     batch, _ = next(device_batches)
-    train_step = self._step(state, batch)
+    train_step = self.compiled_step(state, batch)
     compile_before = self.setup.compile_seconds
     start = time.time()
     losses, diverged, pending, t = [], None, None, 0
