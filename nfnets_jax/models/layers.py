@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from typing import Literal
 
 import haiku as hk
@@ -66,6 +67,22 @@ RAW_NONLINEARITIES: dict[str, Activation] = {
     "softplus": jax.nn.softplus,
     "tanh": jnp.tanh,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+  """One feature map a backbone returns (`return_features=True`).
+
+  Attributes:
+    channels: the map's channels C (NHWC).
+    reduction: input size / map size (the total stride), e.g. 2, 4, ..., 32.
+    module: the module whose output it is, named as timm's `feature_info`
+      names it (e.g. 'stem.conv3', 'stages.0', 'final_conv'), so the two
+      line up.
+  """
+  channels: int
+  reduction: int
+  module: str
 
 
 def estimate_gamma(fn: Activation, num_samples: int = 4_000_000,
