@@ -28,7 +28,7 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 # step over 2 data shards (so 1, 2 or 4 devices, 1 or 2 processes all see
 # the same global batches), a checkpoint every 2 steps, metrics every step,
 # an evaluation at step 6 and at the end, AGC statistics (the reference run
-# also writes TensorBoard events: `REFERENCE_FLAGS`).
+# also writes TensorBoard events and a trace: `REFERENCE_FLAGS`).
 TINY_FLAGS = (
     "--config.train.num_steps=12",
     "--config.train.global_batch_size=16",
@@ -43,8 +43,10 @@ TINY_FLAGS = (
     "--config.eval.every_steps=6",
     "--config.logging.progress_bar=False",
 )
-# The reference run also writes TensorBoard events (a 2 s import).
-REFERENCE_FLAGS = ("--config.logging.tensorboard=True",)
+# The reference run also writes TensorBoard events (a 2 s import) and a
+# profiler trace of steps 3-4.
+REFERENCE_FLAGS = ("--config.logging.tensorboard=True",
+                   "--config.logging.profile_steps=2,4")
 
 
 def subprocess_env(devices: int = 1, cache_dir: str | None = None

@@ -125,6 +125,9 @@ def base_config() -> config_dict.ConfigDict:
       "logging": {
           "progress_bar": True,
           "tensorboard": False,
+          # "START,STOP": a jax.profiler trace of train steps START+1 ...
+          # STOP in WORKDIR/profile (experiment/profiling.py); None: none.
+          "profile_steps": _placeholder(str),
       },
   })
 

@@ -29,6 +29,7 @@ from nfnets_jax.data import randaugment
 from nfnets_jax.experiment import config_schema
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
+from nfnets_jax.experiment import profiling
 from nfnets_jax.experiment import pretrained_start
 from nfnets_jax.models import families
 from nfnets_jax.models import stats
@@ -253,6 +254,10 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
   try:
     parallel.wants_distributed(config.distributed)
   except ValueError as err:
+    p.add(str(err))
+  try:
+    profiling.parse_profile_steps(config.logging.profile_steps)
+  except ValueError as err:  # Names the field already.
     p.add(str(err))
 
 

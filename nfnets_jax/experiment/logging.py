@@ -19,7 +19,7 @@ import tqdm
 
 SET_ASIDE_FILE = "metrics.set_aside.jsonl"
 _BAR_KEYS = (("loss", "loss"), ("top1", "acc"), ("learning_rate", "lr"),
-             ("images_per_sec", "img/s"))
+             ("images_per_sec", "img/s"), ("input_wait_frac", "wait"))
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

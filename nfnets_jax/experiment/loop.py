@@ -30,7 +30,6 @@ import json
 import os
 import signal
 import threading
-import time
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -45,6 +44,7 @@ from nfnets_jax.experiment import evaluation
 from nfnets_jax.experiment import inputs
 from nfnets_jax.experiment import logging as run_logging
 from nfnets_jax.experiment import parallel
+from nfnets_jax.experiment import profiling
 from nfnets_jax.experiment import pretrained_start
 from nfnets_jax.experiment import run_identity
 from nfnets_jax.experiment import train_state as ts
@@ -308,7 +308,11 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
     host_batches = poisoned(host_batches, step, t.debug_nan_at_step)
   batches = parallel.prefetch_to_device(host_batches, c.mesh, t.prefetch)
   pending = None  # (step, device metrics) not yet checked.
-  last_time, last_step = time.time(), step
+  timer = profiling.StepTimer(step)
+  profiler = profiling.StepProfiler(
+      profiling.parse_profile_steps(config.logging.profile_steps),
+      config.workdir if jax.process_count() == 1 else os.path.join(
+          config.workdir, f"process_{jax.process_index()}"))
 
   def check(pending):
     at, metrics = pending
@@ -342,10 +346,11 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
       raise stop_on_bad_image(err) from err
 
   compiled = False  # The first step compiles the train step.
-  with _StopRequest().installed() as stop:
+  with _StopRequest().installed() as stop, contextlib.closing(profiler):
+    profiler.after_step(step, state)
     while step < spec.total_steps:
       try:
-        batch, position = next(batches)
+        batch, position = timer.next_batch(batches)
       except data_lib.ImageDecodeError as err:
         raise stop_on_bad_image(err) from err
       if compiled:
@@ -359,6 +364,7 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
         check(pending)
       step += 1
       pending = (step, metrics)
+      profiler.after_step(step, state)
       c.logger.advance()
       log_now = step % t.log_every_steps == 0 or step == spec.total_steps
       ckpt_now = (config.checkpoint.every_steps
@@ -372,12 +378,9 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
       pending = None
       c.checkpointer.raise_if_save_failed(step)
       if log_now:
-        now = time.time()
-        host["images_per_sec"] = (t.global_batch_size * (step - last_step)
-                                  / max(now - last_time, 1e-9))
+        host.update(timer.interval(step, t.global_batch_size))
         host["epoch"] = step / spec.steps_per_epoch
         c.logger.write(step, "train", host)
-        last_time, last_step = now, step
       if ckpt_now or stop.signum:
         save(c, state, position)
       if stop.signum:
@@ -385,7 +388,7 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
         raise Interrupted(step, stop.signum)
       if eval_now:
         c.logger.write(step, "eval", evaluate_or_stop())
-        last_time = time.time()
+        timer.reset(step)
     if pending is not None:
       check(pending)
     save(c, state, position)  # The final checkpoint, written in background.

@@ -45,8 +45,14 @@ def test_reference_run_learns_and_logs(reference_run):
       assert np.isfinite(final[key]), key
   train = run_logging.read_metrics(reference_run, "train")[-1]
   for key in ("loss", "top1", "top5", "learning_rate", "images_per_sec",
-              "grad_norm"):
+              "grad_norm", "step_time_s"):
     assert key in train, key
+  assert 0.0 <= train["input_wait_frac"] <= 1.0
+  # --config.logging.profile_steps=2,4: one jax.profiler trace, for Perfetto.
+  traces = [f for _, _, files in os.walk(os.path.join(reference_run,
+                                                       "profile"))
+            for f in files if f.endswith(".trace.json.gz")]
+  assert len(traces) == 1, traces
   assert 0.0 <= train["agc_clip_frac"] <= 1.0  # AGC statistics are logged.
   events = os.listdir(os.path.join(reference_run, "tensorboard"))
   assert len(events) == 1 and events[0].startswith("events.out.tfevents")

@@ -105,3 +105,11 @@ def test_valid_config_passes(config):
   assert spec.num_classes == 10
   assert spec.total_steps == 1
   assert spec.num_train_examples == 1437 and spec.num_eval_examples == 360
+
+
+@pytest.mark.parametrize("value", ["4", "4,2", "a,b", "-1,3", "1,2,3"])
+def test_bad_profile_steps(config, compiles, value):
+  config.logging.profile_steps = value
+  _error(config, f"config.logging.profile_steps={value!r} is invalid",
+         "0 <= START < STOP")
+  assert not compiles
