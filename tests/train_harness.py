@@ -68,6 +68,8 @@ def subprocess_env(devices: int = 1, cache_dir: str | None = None
   env["JAX_PLATFORMS"] = "cpu"
   # SIGABRT (sent to a run that hangs) prints every thread's Python stack.
   env["PYTHONFAULTHANDLER"] = "1"
+  # Nothing written to the user's cache folder (cli/compile_cache.py).
+  env["NFNETS_JAX_COMPILE_CACHE"] = "0"
   if cache_dir:
     env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

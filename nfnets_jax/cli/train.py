@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from nfnets_jax.cli import compile_cache
 from nfnets_jax.cli import errors
 from nfnets_jax.cli import train_flags
 from nfnets_jax.cpu import malloc
@@ -163,6 +164,7 @@ def _under_absl(train: Callable[[], int]) -> int:
 def main() -> None:
   """Console entry point `nfnets-train`."""
   malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
+  compile_cache.enable()  # NFNETS_JAX_COMPILE_CACHE=0 turns it off.
   sys.exit(errors.guard(PROG, lambda: run(sys.argv, _under_absl)))
 
 
