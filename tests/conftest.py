@@ -2,7 +2,9 @@
 
 The test process compiles without XLA:CPU's expensive LLVM passes: its
 programs are tiny and most run once, so compiling is most of their time
-(set before JAX starts; the library itself never sets XLA_FLAGS).
+(set before JAX starts; the library itself never sets XLA_FLAGS). The
+command-line programs the tests run in-process write no compilation cache
+into the user's folder (`NFNETS_JAX_COMPILE_CACHE=0`).
 """
 import os
 import sys
@@ -10,6 +12,7 @@ import sys
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true"]).strip()
+os.environ["NFNETS_JAX_COMPILE_CACHE"] = "0"
 
 import filelock
 import pytest
