@@ -85,10 +85,12 @@ class Worker:
   spreads of 10-14% against 3-9% (2-core Zen 5 EPYC; cause not found).
   """
 
-  def __init__(self, kind: str, *spec):
+  def __init__(self, factory: Callable[..., Contender], *spec):
+    """Starts the process; there `factory(*spec)` builds the contender (a
+    module-level function, so that the process can import it)."""
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
-    self._proc = ctx.Process(target=_serve, args=(child, kind, spec),
+    self._proc = ctx.Process(target=_serve, args=(child, factory, spec),
                              daemon=True)
     self._proc.start()
     self.name = self._ask("name")
@@ -113,10 +115,10 @@ class Worker:
     self._proc.join(timeout=60)
 
 
-def _serve(conn, kind: str, spec: tuple) -> None:
+def _serve(conn, factory: Callable[..., Contender], spec: tuple) -> None:
   """Worker process body: builds the contender, answers commands."""
   try:
-    contender = (make_ours if kind == "ours" else make_timm)(*spec)
+    contender = factory(*spec)
   except Exception as e:  # pylint: disable=broad-except
     conn.recv()
     conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -487,10 +489,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   rows: list[dict] = []
   for batch in args.batches:
     print(f"batch {batch}:", flush=True)
-    contenders = [Worker("ours", args.variant, batch, args.size, impl,
+    contenders = [Worker(make_ours, args.variant, batch, args.size, impl,
                          dtype.name) for impl in args.conv_impl]
     if not args.no_timm:
-      contenders += [Worker("timm", args.variant, batch, args.size, fmt,
+      contenders += [Worker(make_timm, args.variant, batch, args.size, fmt,
                             dtype == jnp.bfloat16, torch_threads)
                      for fmt in args.timm_formats]
     measure(contenders, args.repeats, args.pause)

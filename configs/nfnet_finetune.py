@@ -13,7 +13,9 @@ On a prepared TFDS dataset instead: `--config.dataset.name=cifar10
 takes the official `F0_haiku.npz`, a converted `.npz`, timm's
 `dm_nfnet_f0` `.safetensors` / `.pth` (fine-tuned with timm's forward, so
 its logits are timm's; `--config.pretrained.model=nfnet_f0` for the official
-one) or an nfnets-train workdir. The
+one), another timm NF model's file (`eca_nfnet_l0`, `nf_resnet50`, ...: the
+run's model becomes that `NormFreeNet`, logged at the start) or an
+nfnets-train workdir. The
 1000-way classifier is replaced by one for the dataset's classes
 (`pretrained.reinit_head=True`) and everything is trained: batch 512, 10
 epochs, lr 0.01 x 512 / 256 with 1 epoch warmup + cosine, SGD + Nesterov, no

@@ -27,6 +27,9 @@ from nfnets_jax.models.nf_regnet import NFRegNet
 from nfnets_jax.models.nf_resnet import NFResNet
 from nfnets_jax.models.nfnet import NFNET_VARIANTS
 from nfnets_jax.models.nfnet import NFNet
+from nfnets_jax.models.normfree import NORMFREE_CONFIGS
+from nfnets_jax.models.normfree import NormFreeConfig
+from nfnets_jax.models.normfree import NormFreeNet
 from nfnets_jax.models.resnet import RESNET_DEPTHS
 from nfnets_jax.models.resnet import ResNet
 from nfnets_jax.models.skipinit_resnet import SkipInitResNet
@@ -91,6 +94,9 @@ __all__ = (
     "NFRegNet",
     "NFResNet",
     "NONLINEARITY_GAMMAS",
+    "NORMFREE_CONFIGS",
+    "NormFreeConfig",
+    "NormFreeNet",
     "OFFICIAL_NFNET_KWARGS",
     "OPTIMIZERS",
     "ParamsMismatchError",

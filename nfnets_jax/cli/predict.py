@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from nfnets_jax.cli import compile_cache
 from nfnets_jax.cli import errors
 from nfnets_jax.cpu import malloc
 from nfnets_jax.data import images
@@ -34,12 +35,14 @@ nfnets_jax.list_models()) and print the top-k labels with probabilities,
 one line per image: `PATH: label (p%), label (p%), ...`, or with --json one
 object per line: {{"path": ..., "top": [{{"label", "index", "prob"}}, ...]}}.
 
---pretrained takes an official F*_haiku.npz, a safe .npz, a timm
-dm_nfnet_* .safetensors / .pth, an nfnets-train workdir (its newest
+--pretrained takes an official F*_haiku.npz, a safe .npz, a timm NF
+model's .safetensors / .pth (dm_nfnet_*, eca_nfnet_l0, nfnet_l0,
+nf_resnet50, nf_regnet_b1, ...), an nfnets-train workdir (its newest
 checkpoint, EMA weights when kept) or an artifact of nfnets_jax.export().
-The model is inferred from the checkpoint where it can be (NFNet params,
-a workdir's config, an export); --model names it otherwise or overrides it
-(e.g. dm_nfnet_f0 for timm's definition of converted weights).
+The model is inferred from the checkpoint where it can be (NFNet params, a
+timm file's keys and shapes, a workdir's config, an export); --model names
+it otherwise or overrides it (e.g. dm_nfnet_f0 for timm's definition of
+converted weights).
 
 Labels: the ImageNet synsets for 1000-class models, the class folder names
 of a model fine-tuned on an image folder, indices otherwise.
@@ -175,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point: `run` behind `errors.guard` (bad input -> exit 2)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
+  compile_cache.enable()  # NFNETS_JAX_COMPILE_CACHE=0 turns it off.
   return errors.guard(PROG, lambda: run(argv), argv=argv)
 
 

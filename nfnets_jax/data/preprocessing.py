@@ -210,26 +210,37 @@ def train_crop_flip_resize(image: np.ndarray, image_size: int,
   return resize_bicubic(image, image_size, image_size)
 
 
-def eval_resize_crop(image: np.ndarray, image_size: int,
-                     padding: int) -> np.ndarray:
+def eval_resize_crop(image: np.ndarray, image_size: int, padding: int,
+                     keep_aspect: bool = False) -> np.ndarray:
   """Official evaluation geometry (`resize_crop_32`): resize, center crop.
 
   The image is resized (aspect not kept, as the official code does) to
   `(image_size + padding)` on both sides, then the central
-  `image_size x image_size` window is kept.
+  `image_size x image_size` window is kept. With `keep_aspect` the shorter
+  side is resized to `image_size + padding` and the longer one in proportion
+  (truncated, as torchvision's `Resize(int)`): timm's default eval crop
+  (`crop_mode='center'`); the official one is timm's 'squash'.
 
   Args:
     image: `[H, W, 3]` source image.
     image_size: output side in pixels.
     padding: extra pixels before cropping (32 in the paper; 0 = plain resize).
+    keep_aspect: keep the aspect ratio when resizing (see above).
 
   Returns:
     float32 `[image_size, image_size, 3]` in 0-255 units (unclamped).
   """
-  side = image_size + padding
-  image = resize_bicubic(image, side, side)
-  offset = (padding + 1) // 2
-  return crop(image, CropWindow(offset, offset, image_size, image_size))
+  side = height = width = image_size + padding
+  if keep_aspect:
+    h, w = image.shape[:2]
+    if h < w:
+      width = int(side * w / h)
+    else:
+      height = int(side * h / w)
+  image = resize_bicubic(image, height, width)
+  return crop(image, CropWindow((height - image_size + 1) // 2,
+                                (width - image_size + 1) // 2,
+                                image_size, image_size))
 
 
 def normalize(images: np.ndarray) -> np.ndarray:

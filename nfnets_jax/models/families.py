@@ -15,9 +15,11 @@ import haiku as hk
 import jax
 
 from nfnets_jax.models import fixup_resnet
+from nfnets_jax.models import layers
 from nfnets_jax.models import nf_regnet
 from nfnets_jax.models import nf_resnet
 from nfnets_jax.models import nfnet
+from nfnets_jax.models import normfree
 from nfnets_jax.models import resnet
 from nfnets_jax.models import skipinit_resnet
 
@@ -25,6 +27,7 @@ MODELS: dict[str, Callable[..., hk.Module]] = {
     "NFNet": nfnet.NFNet,
     "NFResNet": nf_resnet.NFResNet,
     "NFRegNet": nf_regnet.NFRegNet,
+    "NormFreeNet": normfree.NormFreeNet,
     "ResNet": resnet.ResNet,
     "SkipInitResNet": skipinit_resnet.SkipInitResNet,
     "FixupResNet": fixup_resnet.FixupResNet,
@@ -74,16 +77,58 @@ def remat_families() -> list[str]:
                 if "remat" in inspect.signature(cls).parameters)
 
 
+def feature_families() -> list[str]:
+  """The families whose forward takes `return_features` (feature maps)."""
+  return sorted(name for name, cls in MODELS.items()
+                if "return_features" in inspect.signature(cls.__call__)
+                .parameters)
+
+
+def feature_info(family: str, kwargs: Mapping[str, Any]
+                 ) -> tuple[layers.FeatureInfo, ...]:
+  """The maps a family's model returns with `return_features=True`.
+
+  Cheap: builds the module (inside a Haiku transform) and reads its
+  `feature_info`; nothing is traced or compiled.
+
+  Args:
+    family: a key of `MODELS`.
+    kwargs: its constructor arguments (a dict or a ConfigDict).
+
+  Returns:
+    One `layers.FeatureInfo` per map (channels, reduction, module), in the
+    order of `outputs['features']`.
+
+  Raises:
+    ValueError: unknown family, a run-time setting among kwargs, or a
+      family without feature maps.
+  """
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  check_family(family, kwargs)
+  if family not in feature_families():
+    raise ValueError(f"family={family!r} has no feature maps "
+                     "(return_features); allowed: one of "
+                     f"{feature_families()}")
+  found = []
+  hk.transform(lambda: found.append(
+      build_model(family, 1, **kwargs).feature_info)).init(None)
+  return found[0]
+
+
 def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
                  *, remat: bool = False) -> hk.TransformedWithState:
   """`hk.transform_with_state` of `forward(images, is_training)` -> outputs.
+
+  `forward(images, is_training, return_features=True)` adds the feature
+  maps (`feature_info`) as `outputs['features']`; the parameters are the
+  same either way.
 
   Args:
     family: a key of `MODELS`.
     kwargs: its constructor arguments (a dict or a ConfigDict).
     num_classes: classifier outputs.
     remat: recompute each residual block's activations in the backward pass
-      (`config.model.remat`; `layers.apply_blocks`).
+      (`config.model.remat`; `layers.apply_stages`).
 
   Raises:
     ValueError: unknown family, a run-time setting among kwargs, or remat
@@ -98,8 +143,11 @@ def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
           f"with {', '.join(remat_families())} (or False)")
     kwargs["remat"] = True
 
-  def forward(images: jax.Array, is_training: bool) -> dict[str, jax.Array]:
-    return build_model(family, num_classes, **kwargs)(
-        images, is_training=is_training)
+  def forward(images: jax.Array, is_training: bool,
+              return_features: bool = False) -> dict[str, Any]:
+    model = build_model(family, num_classes, **kwargs)
+    if return_features:  # Only asked of the families that have it.
+      return model(images, is_training=is_training, return_features=True)
+    return model(images, is_training=is_training)
 
   return hk.transform_with_state(forward)

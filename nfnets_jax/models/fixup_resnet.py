@@ -88,9 +88,16 @@ class FixupResNet(hk.Module):
 
   Stem: 7x7 stride-2 conv (no bias), scalar bias, activation, 3x3 stride-2
   max pool; four stages of Fixup `ResBlock`; average pool, dropout, scalar
-  bias, classifier. Input NHWC; returns a dict with `logits`, `pool` and,
-  with `return_metrics=True`, `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
-  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`.
+  bias, classifier. Input NHWC; returns a dict with `logits`, `pool`, with
+  `return_metrics=True` `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
+  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`, and
+  with `return_features=True` the feature maps `feature_info` describes.
+
+  Attributes:
+    feature_info: the maps of `return_features`: the stem's activation
+      ('stem.act', reduction 2, before the max pool: post-activation
+      blocks, so tapped after the activation as timm's post-activation
+      ResNets tap 'act1') and each stage's output ('stages.<i>').
   """
 
   def __init__(self, num_classes: int, depth: resnet.Depth = 50, *,
@@ -134,21 +141,28 @@ class FixupResNet(hk.Module):
         for b in resnet.block_layout(ch, width, self.depths)]
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or jnp.zeros)
+    self.feature_info = resnet.feature_info(ch, width, self.depths,
+                                            stem_module="stem.act")
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
-    """Returns logits (no softmax), pool and optional signal metrics."""
+               return_metrics: bool = False, return_features: bool = False
+               ) -> dict[str, jax.Array | list[jax.Array]]:
+    """Returns logits (no softmax), pool, and metrics and features if asked
+    (`return_features`: `features`, the NHWC maps of `feature_info`)."""
     outputs = {}
     out = self.initial_conv(x)
-    out = self.activation(
+    stem = self.activation(
         out + resnet.scalar_param("bias1", jnp.zeros, out.dtype))
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+    out = hk.max_pool(stem, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
-    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
-                                       is_training=is_training)
+    stages, metrics = layers.apply_stages(self.blocks, self.depths, out,
+                                          return_metrics,
+                                          is_training=is_training)
     outputs.update(metrics)
+    if return_features:
+      outputs["features"] = [stem, *stages]
     outputs["pool"], pool = layers.pool_features(
-        out, self.drop_rate, is_training)
+        stages[-1], self.drop_rate, is_training)
     pool = pool + resnet.scalar_param("bias2", jnp.zeros, pool.dtype)
     outputs["logits"] = self.fc(pool)
     return outputs

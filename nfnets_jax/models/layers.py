@@ -9,8 +9,11 @@ References:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import contextlib
+import contextvars
 import dataclasses
+import math
 from typing import Literal
 
 import haiku as hk
@@ -160,24 +163,103 @@ def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4,
   return (centered * scale).reshape(w.shape)
 
 
+# The standardized kernels of `standardized_kernels`, while one is active.
+_KERNELS: contextvars.ContextVar[Mapping[str, jax.Array] | None] = (
+    contextvars.ContextVar("nfnets_jax_standardized_kernels", default=None))
+
+
+@contextlib.contextmanager
+def standardized_kernels(kernels: Mapping[str, jax.Array]) -> Iterator[None]:
+  """Weight standardization done once, for a forward that does not train.
+
+  Scaled WS depends only on the weights, so at inference it can be done once
+  per set of weights instead of on every call. While this context is active
+  (when the forward is *traced*), a `WSConv2D` whose module name is in
+  `kernels` convolves with that kernel as it is, without standardizing its
+  `w`; the others standardize as usual. `standardize_kernels` computes the
+  kernels, `ws_conv_settings` finds the modules (`pretrained.create.Model`
+  uses the three). Not for training: gradients would stop at the kernels.
+
+  Args:
+    kernels: module name -> standardized HWIO kernel (float32), as
+      `standardize_weight` computes it for that module.
+  """
+  token = _KERNELS.set(kernels)
+  try:
+    yield
+  finally:
+    _KERNELS.reset(token)
+
+
+def ws_conv_settings(apply: Callable[..., object], *args: object
+                     ) -> dict[str, tuple[float, EpsMode]]:
+  """The `WSConv2D`s a forward calls: module name -> `(eps, eps_mode)`.
+
+  Args:
+    apply: calls a transformed network's `apply` on `args`.
+    *args: its arguments: arrays or `jax.ShapeDtypeStruct`s. It is traced
+      abstractly (`jax.eval_shape`): nothing is computed or compiled.
+  """
+  found = {}
+
+  def record(next_f, args, kwargs, context):
+    if (isinstance(context.module, WSConv2D)
+        and context.method_name == "__call__"):
+      found[context.module.module_name] = (context.module.eps,
+                                           context.module.eps_mode)
+    return next_f(*args, **kwargs)
+
+  def traced(*args):
+    with hk.intercept_methods(record):
+      apply(*args)
+
+  jax.eval_shape(traced, *args)
+  return found
+
+
+def standardize_kernels(params: Mapping[str, Mapping[str, jax.Array]],
+                        settings: Mapping[str, tuple[float, EpsMode]]
+                        ) -> dict[str, jax.Array]:
+  """Each WS convolution's standardized kernel (`standardize_weight` of its
+  `w` and `gain`), for `standardized_kernels`.
+
+  Args:
+    params: a network's params `{module: {"w", "gain", ...}}`.
+    settings: `ws_conv_settings` of the same network.
+  """
+  return {name: standardize_weight(params[name]["w"], params[name]["gain"],
+                                   eps, eps_mode)
+          for name, (eps, eps_mode) in settings.items()}
+
+
 class WSConv2D(hk.Conv2D):
   """2D convolution with Scaled Weight Standardization, gain and bias.
 
-  Parameters: `w` (HWIO, He-normal fan-in init), `gain` `[out]` (init 1),
-  `bias` `[out]` (init 0), all float32 whatever the input dtype; the kernel is
-  standardized in float32 and cast to the input dtype for the convolution.
+  Parameters: `w` (HWIO, He-normal fan-in init), `gain` `[out]` (init 1,
+  or `gain_init`), `bias` `[out]` (init 0), all float32 whatever the input
+  dtype; the kernel is standardized in float32 and cast to the input dtype
+  for the convolution (or taken as already standardized under
+  `standardized_kernels`).
   Input NHWC. Names mirror the official release so checkpoints map 1:1.
   """
 
   def __init__(self, output_channels: int, kernel_shape: int | Sequence[int],
-               stride: int | Sequence[int] = 1, padding: str = "SAME",
+               stride: int | Sequence[int] = 1,
+               padding: str | Sequence[tuple[int, int]] = "SAME",
                feature_group_count: int = 1, eps: float = 1e-4,
-               eps_mode: EpsMode = "clamp", name: str | None = None):
+               eps_mode: EpsMode = "clamp",
+               gain_init: hk.initializers.Initializer = jnp.ones,
+               name: str | None = None):
+    """Args as `hk.Conv2D` (padding: 'SAME', 'VALID' or explicit `(lo, hi)`
+    pairs), plus `eps`, `eps_mode` of `standardize_weight` and the gain's
+    initializer `gain_init` (timm zero-initializes a residual branch's last
+    gain)."""
     super().__init__(output_channels, kernel_shape, stride=stride,
                      padding=padding, feature_group_count=feature_group_count,
                      name=name)
     self.eps = eps
     self.eps_mode = eps_mode
+    self.gain_init = gain_init
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     in_ch = inputs.shape[-1]
@@ -189,10 +271,14 @@ class WSConv2D(hk.Conv2D):
     w_init = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
     w = hk.get_parameter("w", w_shape, jnp.float32, init=w_init)
     gain = hk.get_parameter("gain", (self.output_channels,), jnp.float32,
-                            init=jnp.ones)
+                            init=self.gain_init)
     bias = hk.get_parameter("bias", (self.output_channels,), jnp.float32,
                             init=jnp.zeros)
-    weight = standardize_weight(w, gain, self.eps, self.eps_mode)
+    kernels = _KERNELS.get()
+    if kernels is not None and self.module_name in kernels:
+      weight = kernels[self.module_name]
+    else:
+      weight = standardize_weight(w, gain, self.eps, self.eps_mode)
     return lowering.conv2d(
         inputs, weight.astype(inputs.dtype), bias.astype(inputs.dtype),
         stride=self.stride, padding=self.padding,
@@ -225,6 +311,46 @@ class SqueezeExcite(hk.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jnp.mean(x, axis=(1, 2))
     h = self.fc1(self.activation(self.fc0(h)))
+    return jax.nn.sigmoid(h)[:, None, None].astype(x.dtype)
+
+
+def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0
+                    ) -> int:
+  """ECA-Net's kernel size for `channels`: `|log2(C) + beta| / gamma`
+  truncated, made odd upwards, at least 3 (timm's `EcaModule`)."""
+  t = int(abs(math.log(channels, 2) + beta) / gamma)
+  return max(t if t % 2 else t + 1, 3)
+
+
+class EfficientChannelAttention(hk.Module):
+  """Efficient channel attention gate: `sigmoid(conv1d(mean_hw(x)))`.
+
+  The pooled channels `[N, C]` are cross-correlated with one learned kernel
+  `w` `[k]` (no bias, zero padding, `k = eca_kernel_size(C)`), so each
+  channel's gate sees its k neighbours. Returns the gate `[N, 1, 1, C]`, as
+  `SqueezeExcite` does; timm's NF models multiply by `2 * gate`.
+
+  Reference: Wang et al. 2020, ECA-Net: Efficient Channel Attention for Deep
+  Convolutional Neural Networks (CVPR); timm's `EcaModule`, whose
+  `conv.weight` `[1, 1, k]` is `w` here.
+  """
+
+  def __init__(self, channels: int, name: str | None = None):
+    super().__init__(name=name)
+    self.channels = channels
+    self.kernel_size = eca_kernel_size(channels)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    # PyTorch's Conv1d init: U(-1/sqrt(k), 1/sqrt(k)).
+    w = hk.get_parameter("w", (k,), jnp.float32,
+                         init=hk.initializers.VarianceScaling(
+                             1.0 / 3.0, "fan_in", "uniform"))
+    y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    pad = (k - 1) // 2
+    y = jnp.pad(y, ((0, 0), (pad, pad)))
+    c = x.shape[-1]
+    h = sum(w[j] * y[:, j:j + c] for j in range(k))
     return jax.nn.sigmoid(h)[:, None, None].astype(x.dtype)
 
 
@@ -269,13 +395,16 @@ def signal_metrics(x: jax.Array, i: int) -> dict[str, jax.Array]:
           f"avg_var_{i}": avg_channel_var(x)}
 
 
-def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
-                 x: jax.Array, return_metrics: bool, *, remat: bool = False,
-                 **block_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Runs residual blocks in order, collecting signal metrics if asked.
+def apply_stages(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
+                 depths: Sequence[int], x: jax.Array, return_metrics: bool,
+                 *, remat: bool = False, **block_kwargs
+                 ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """Runs residual blocks in order, keeping each stage's output.
 
   Args:
-    blocks: modules mapping `(x, **block_kwargs)` to `(x, block_metrics)`.
+    blocks: modules mapping `(x, **block_kwargs)` to `(x, block_metrics)`,
+      every block of the network in order.
+    depths: blocks per stage; they sum to `len(blocks)`.
     x: the stem's output `[N, H, W, C]`.
     return_metrics: collect `signal_metrics` of the stem output (index 0)
       and of each block's output (index i + 1), and each block's own
@@ -287,16 +416,58 @@ def apply_blocks(blocks: Sequence[Callable[..., tuple[jax.Array, dict]]],
     **block_kwargs: passed to every block (e.g. `is_training`).
 
   Returns:
-    The last block's output and the metrics (empty unless asked).
+    Each stage's last output `[N, H_s, W_s, C_s]` (the last one is the
+    network's), and the metrics (empty unless asked).
+
+  Raises:
+    ValueError: `depths` do not sum to the number of blocks.
   """
+  if sum(depths) != len(blocks):
+    raise ValueError(f"depths={tuple(depths)} sum to {sum(depths)}; the "
+                     f"network has {len(blocks)} blocks")
   metrics = signal_metrics(x, 0) if return_metrics else {}
-  for i, block in enumerate(blocks):
-    call = lambda y, block=block: block(y, **block_kwargs)
-    x, block_metrics = (hk.remat(call) if remat else call)(x)
-    if return_metrics:
-      metrics.update(signal_metrics(x, i + 1))
-      metrics.update({f"{k}_{i}": v for k, v in block_metrics.items()})
-  return x, metrics
+  outputs, i = [], 0
+  for depth in depths:
+    for block in blocks[i:i + depth]:
+      call = lambda y, block=block: block(y, **block_kwargs)
+      x, block_metrics = (hk.remat(call) if remat else call)(x)
+      if return_metrics:
+        metrics.update(signal_metrics(x, i + 1))
+        metrics.update({f"{k}_{i}": v for k, v in block_metrics.items()})
+      i += 1
+    outputs.append(x)
+  return outputs, metrics
+
+
+def stage_feature_info(stem: FeatureInfo, stem_stride: int,
+                       stages: Sequence[tuple[int, int]],
+                       final_channels: int | None = None
+                       ) -> tuple[FeatureInfo, ...]:
+  """A backbone's feature maps: its stem's, then each stage's output.
+
+  As timm's `feature_info` of the same networks: every map is its module's
+  output, before any activation that follows it; a final 1x1 conv after the
+  last stage replaces that stage's map ('final_conv').
+
+  Args:
+    stem: the stem's map.
+    stem_stride: the stem's total stride (the first stage's input
+      reduction; more than `stem.reduction` after a max pool or a strided
+      conv past the map).
+    stages: `(output channels, stride)` of each stage.
+    final_channels: the final conv's output channels, or None (none).
+
+  Returns:
+    `stem`, then one `FeatureInfo` per stage ('stages.<i>', or
+    'final_conv' for the last).
+  """
+  infos, reduction = [stem], stem_stride
+  for i, (channels, stride) in enumerate(stages):
+    reduction *= stride
+    infos.append(FeatureInfo(channels, reduction, f"stages.{i}"))
+  if final_channels is not None:
+    infos[-1] = FeatureInfo(final_channels, reduction, "final_conv")
+  return tuple(infos)
 
 
 def pool_features(features: jax.Array, drop_rate: float, is_training: bool

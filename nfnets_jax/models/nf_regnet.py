@@ -167,9 +167,17 @@ class NFRegNet(hk.Module):
   Stem: 3x3 stride-2 WS conv; stages of `NFBlock` (every stage starts with a
   stride-2 block; the first block of the network uses expansion 1); final 1x1
   conv to `1280 * C / 440` channels, activation, average pool, classifier.
-  Input NHWC; returns a dict with `logits`, `pool` and, with
-  `return_metrics=True`, `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
-  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`.
+  Input NHWC; returns a dict with `logits`, `pool`, with
+  `return_metrics=True` `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
+  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`, and with
+  `return_features=True` the feature maps `feature_info` describes.
+
+  Attributes:
+    feature_info: the maps of `return_features`, as timm's `nf_regnet_*`
+      `features_only=True` returns them: the stem conv's output
+      ('stem.conv', reduction 2), each stage's output but the last
+      ('stages.<i>') and the final conv's ('final_conv', before the final
+      activation).
   """
 
   def __init__(self, num_classes: int,
@@ -205,7 +213,7 @@ class NFRegNet(hk.Module):
         as timm's `make_divisible`, giving timm's `nf_regnet_*` layout.
       ws_eps, ws_eps_mode: passed to `layers.WSConv2D`.
       remat: recompute each block's activations in the backward pass
-        (`layers.apply_blocks`): less memory, about one more forward.
+        (`layers.apply_stages`): less memory, about one more forward.
       name: module name (official: 'NF_RegNet').
 
     Raises:
@@ -256,18 +264,27 @@ class NFRegNet(hk.Module):
                                       **conv_kwargs)
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or jnp.zeros)
+    self.feature_info = layers.stage_feature_info(
+        layers.FeatureInfo(self.initial_conv.output_channels, 2,
+                           "stem.conv"), 2,
+        [(round_ch(w * width), 2) for w in self.variant.width],
+        final_channels=final_ch)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
-    """Returns logits (no softmax), pool and optional signal metrics."""
+               return_metrics: bool = False, return_features: bool = False
+               ) -> dict[str, jax.Array | list[jax.Array]]:
+    """Returns logits (no softmax), pool, and metrics and features if asked
+    (`return_features`: `features`, the NHWC maps of `feature_info`)."""
     outputs = {}
-    out = self.initial_conv(x)
-    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
-                                       remat=self.remat,
-                                       is_training=is_training)
+    stem = self.initial_conv(x)
+    stages, metrics = layers.apply_stages(
+        self.blocks, self.variant.depth, stem, return_metrics,
+        remat=self.remat, is_training=is_training)
     outputs.update(metrics)
-    out = self.activation(self.final_conv(out))
+    out = self.final_conv(stages[-1])
+    if return_features:
+      outputs["features"] = [stem, *stages[:-1], out]
     outputs["pool"], pool = layers.pool_features(
-        out, self.drop_rate, is_training)
+        self.activation(out), self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs

@@ -85,9 +85,16 @@ class NFResNet(hk.Module):
 
   Stem: 7x7 stride-2 (WS) conv and 3x3 stride-2 max pool; four stages of
   `NFResBlock`; final activation, average pool, dropout, classifier.
-  Input NHWC; returns a dict with `logits`, `pool` and, with
-  `return_metrics=True`, `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
-  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`.
+  Input NHWC; returns a dict with `logits`, `pool`, with
+  `return_metrics=True` `avg_sq_mean_{i}`, `avg_var_{i}` (i = 0 stem,
+  i + 1 after block i), `res_avg_var_{i}`, `branch_in_avg_var_{i}`, and with
+  `return_features=True` the feature maps `feature_info` describes.
+
+  Attributes:
+    feature_info: the maps of `return_features`, as timm's `nf_resnet*`
+      `features_only=True` returns them: the stem conv's output
+      ('stem.conv', before the max pool, reduction 2) and each stage's
+      output ('stages.<i>', the last one before the final activation).
   """
 
   def __init__(self, num_classes: int, depth: resnet.Depth = 50, *,
@@ -125,7 +132,7 @@ class NFResNet(hk.Module):
         the ICLR paper's "NF-ResNet without WS" (its mean shift grows).
       ws_eps, ws_eps_mode: passed to `layers.WSConv2D`.
       remat: recompute each block's activations in the backward pass
-        (`layers.apply_blocks`): less memory, about one more forward.
+        (`layers.apply_stages`): less memory, about one more forward.
       name: module name (official: 'NF_ResNet').
 
     Raises:
@@ -164,19 +171,24 @@ class NFResNet(hk.Module):
       expected_std = (expected_std**2 + alpha**2) ** 0.5
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or hk.initializers.RandomNormal(0.01))
+    self.feature_info = resnet.feature_info(ch, width, self.depths)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
-    """Returns logits (no softmax), pool and optional signal metrics."""
+               return_metrics: bool = False, return_features: bool = False
+               ) -> dict[str, jax.Array | list[jax.Array]]:
+    """Returns logits (no softmax), pool, and metrics and features if asked
+    (`return_features`: `features`, the NHWC maps of `feature_info`)."""
     outputs = {}
-    out = self.initial_conv(x)
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+    stem = self.initial_conv(x)
+    out = hk.max_pool(stem, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
-    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
-                                       remat=self.remat,
-                                       is_training=is_training)
+    stages, metrics = layers.apply_stages(
+        self.blocks, self.depths, out, return_metrics, remat=self.remat,
+        is_training=is_training)
     outputs.update(metrics)
+    if return_features:
+      outputs["features"] = [stem, *stages]
     outputs["pool"], pool = layers.pool_features(
-        self.activation(out), self.drop_rate, is_training)
+        self.activation(stages[-1]), self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs

@@ -171,9 +171,17 @@ class NFNet(hk.Module):
   """Normalizer-Free Network (NFNet-F0 ... F7 and the wider `+` variants).
 
   Input NHWC images; returns a dict with `logits` `[N, num_classes]`, `pool`
-  `[N, features]`, and with `return_metrics=True` the signal metrics of the
+  `[N, features]`, with `return_metrics=True` the signal metrics of the
   stem (index 0) and every block i (index i + 1): `avg_sq_mean_{i}`,
-  `avg_var_{i}`, `res_avg_var_{i}`, `branch_in_avg_var_{i}`.
+  `avg_var_{i}`, `res_avg_var_{i}`, `branch_in_avg_var_{i}`, and with
+  `return_features=True` the feature maps `feature_info` describes.
+
+  Attributes:
+    feature_info: the maps of `return_features`, as timm's `dm_nfnet_*`
+      `features_only=True` returns them: the third stem conv's output
+      ('stem.conv3', 64 channels, reduction 2), each stage's output but the
+      last ('stages.<i>'), and the final conv's ('final_conv'), all before
+      the activation that follows them.
   """
 
   def __init__(self, num_classes: int,
@@ -205,7 +213,7 @@ class NFNet(hk.Module):
       ws_eps, ws_eps_mode: weight standardization floor ('clamp' official,
         'add' as timm).
       remat: recompute each block's activations in the backward pass
-        (`layers.apply_blocks`): less memory, about one more forward.
+        (`layers.apply_stages`): less memory, about one more forward.
       name: module name (official checkpoints use 'NFNet').
     """
     super().__init__(name=name)
@@ -248,19 +256,37 @@ class NFNet(hk.Module):
                                       name="final_conv", **self.conv_kwargs)
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or hk.initializers.RandomNormal(0.01))
+    self.feature_info = layers.stage_feature_info(
+        layers.FeatureInfo(64, 2, "stem.conv3"), 4,
+        [(int(w * width), s) for w, s in zip(self.variant.width, strides)],
+        final_channels=self.final_conv.output_channels)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
-               return_metrics: bool = False) -> dict[str, jax.Array]:
+               return_metrics: bool = False, return_features: bool = False
+               ) -> dict[str, jax.Array | list[jax.Array]]:
+    """Returns logits (no softmax), pool, and metrics and features if asked.
+
+    Args:
+      x: NHWC images.
+      is_training: stochastic depth and dropout on.
+      return_metrics: add the signal propagation metrics.
+      return_features: add `features`, the list of NHWC maps of
+        `feature_info`.
+    """
     outputs = {}
     out = x
     for i, conv in enumerate(self.stem):
       out = conv(out) if i == 0 else conv(self.activation(out))
-    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
-                                       remat=self.remat,
-                                       is_training=is_training)
+      if i == 2:  # timm's 'stem.conv3' (its convs count from 1).
+        stem_feature = out
+    stages, metrics = layers.apply_stages(
+        self.blocks, self.variant.depth, out, return_metrics,
+        remat=self.remat, is_training=is_training)
     outputs.update(metrics)
-    out = self.activation(self.final_conv(out))
+    out = self.final_conv(stages[-1])
+    if return_features:
+      outputs["features"] = [stem_feature, *stages[:-1], out]
     outputs["pool"], pool = layers.pool_features(
-        out, self.drop_rate, is_training)
+        self.activation(out), self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)
     return outputs

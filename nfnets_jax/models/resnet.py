@@ -121,6 +121,25 @@ def block_layout(stem_ch: int, width: float, depths: Sequence[int]
   return blocks
 
 
+def feature_info(stem_ch: int, width: float, depths: Sequence[int],
+                 stem_module: str = "stem.conv"
+                 ) -> tuple[layers.FeatureInfo, ...]:
+  """The `return_features` maps of a ResNet-layout network.
+
+  As timm's ResNet-V2 / NF-ResNet `features_only=True`: the 7x7 stem
+  conv's output (reduction 2, before the max pool), then each stage's.
+
+  Args:
+    stem_ch: the stem conv's channels.
+    width: the stage width multiplier.
+    depths: blocks per stage.
+    stem_module: the stem map's name.
+  """
+  return layers.stage_feature_info(
+      layers.FeatureInfo(stem_ch, 2, stem_module), 4,
+      list(zip(stage_widths(width, len(depths)), STAGE_STRIDES)))
+
+
 class Conv2D(hk.Conv2D):
   """`hk.Conv2D` whose parameters are float32 whatever the input dtype.
 
@@ -231,10 +250,17 @@ class ResNet(hk.Module):
   Input NHWC; returns a dict with `logits`, `pool` and, with
   `return_metrics=True`, the signal metrics of the stem (index 0) and of each
   block i (index i + 1): `avg_sq_mean_{i}`, `avg_var_{i}`, `res_avg_var_{i}`,
-  `branch_in_avg_var_{i}` (the same keys as `NFNet`).
+  `branch_in_avg_var_{i}` (the same keys as `NFNet`), and with
+  `return_features=True` the feature maps `feature_info` describes.
   Batch norm statistics live in Haiku state (use `hk.transform_with_state`).
   The norm layers keep the official batch-norm names (`bn0`-`bn2` per block,
   `final_bn`) under every normalizer, so parameter trees line up.
+
+  Attributes:
+    feature_info: the maps of `return_features`, as timm's `resnetv2_*`
+      `features_only=True` returns them: the stem conv's output
+      ('stem.conv', reduction 2) and each stage's ('stages.<i>', the last
+      one before the final norm).
   """
 
   def __init__(self, num_classes: int, depth: Depth = 50, *,
@@ -292,11 +318,13 @@ class ResNet(hk.Module):
     self.final_bn = make_norm(normalization, norm_kwargs, "final_bn")
     self.fc = hk.Linear(num_classes, with_bias=True,
                         w_init=fc_init or jnp.zeros)
+    self.feature_info = feature_info(int(16 * width), width, self.depths)
 
   def __call__(self, x: jax.Array, is_training: bool = True,
                return_metrics: bool = False,
-               test_local_stats: bool = False) -> dict[str, jax.Array]:
-    """Returns logits (no softmax), pool and optional signal metrics.
+               test_local_stats: bool = False, return_features: bool = False
+               ) -> dict[str, jax.Array | list[jax.Array]]:
+    """Returns logits (no softmax), pool, and metrics and features if asked.
 
     Args:
       x: NHWC images.
@@ -305,17 +333,20 @@ class ResNet(hk.Module):
       return_metrics: add the signal propagation metrics.
       test_local_stats: use batch statistics at evaluation too (batch
         norms only).
+      return_features: add `features`, the NHWC maps of `feature_info`.
     """
     outputs = {}
-    out = self.initial_conv(x)
-    out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+    stem = self.initial_conv(x)
+    out = hk.max_pool(stem, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                       padding="SAME")
-    out, metrics = layers.apply_blocks(self.blocks, out, return_metrics,
-                                       is_training=is_training,
-                                       test_local_stats=test_local_stats)
+    stages, metrics = layers.apply_stages(
+        self.blocks, self.depths, out, return_metrics,
+        is_training=is_training, test_local_stats=test_local_stats)
     outputs.update(metrics)
+    if return_features:
+      outputs["features"] = [stem, *stages]
     out = self.activation(
-        apply_norm(self.final_bn, out, is_training, test_local_stats))
+        apply_norm(self.final_bn, stages[-1], is_training, test_local_stats))
     outputs["pool"], pool = layers.pool_features(
         out, self.drop_rate, is_training)
     outputs["logits"] = self.fc(pool)

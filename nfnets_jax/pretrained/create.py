@@ -8,8 +8,10 @@
   official  DeepMind's `F0_haiku.npz` ... (a dill pickle, read by the
             restricted unpickler of `pretrained.official`: no code runs);
   npz       a safe `.npz` of flat `module/param` names (`save_npz`);
-  timm      a timm `dm_nfnet_*` state dict, `.safetensors` or torch `.pth`
-            (`pretrained.timm`);
+  timm      a timm NF model's state dict, `.safetensors` or torch `.pth`:
+            `dm_nfnet_*` as an `NFNet` (`pretrained.timm`), any other
+            (`eca_nfnet_l0`, `nf_resnet50`, ...) as a `NormFreeNet`
+            (`pretrained.timm_normfree`);
   workdir   an `nfnets-train` workdir: the model of its `config.json`, the
             newest checkpoint's EMA params when the run kept them (else the
             raw ones), the class names of `class_names.json` when present;
@@ -17,12 +19,14 @@
             params tree; use `nfnets_jax.load_exported`).
 Without a name the model is inferred: an NFNet's variant from its params
 (`nfnet_*` for official and npz files, `dm_nfnet_*` for timm's), a
+NormFreeNet's from its names and shapes (`timm_normfree.identify`), a
 workdir's from its config. Params that do not fit the model are refused
 with every differing name and shape.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -41,12 +45,14 @@ from nfnets_jax.cpu import lowering
 from nfnets_jax.experiment import checkpoint_io
 from nfnets_jax.experiment import run_identity
 from nfnets_jax.models import families
+from nfnets_jax.models import layers
 from nfnets_jax.models import stats
 from nfnets_jax.pretrained import checks
 from nfnets_jax.pretrained import export
 from nfnets_jax.pretrained import official
 from nfnets_jax.pretrained import registry
 from nfnets_jax.pretrained import timm
+from nfnets_jax.pretrained import timm_normfree
 
 PathLike = str | os.PathLike
 FORMATS = ("official", "npz", "timm", "workdir", "exported")
@@ -69,6 +75,8 @@ class Checkpoint:
     label_names: class names (a workdir's `class_names.json`), or None.
     step: a workdir checkpoint's training step (None for files).
     ema: whether the params are a workdir's EMA params.
+    spec_error: why `spec` is None when the params are a NormFreeNet's
+      (the closest models and how they differ), else None.
   """
   path: str
   format: str
@@ -78,11 +86,13 @@ class Checkpoint:
   label_names: tuple[str, ...] | None = None
   step: int | None = None
   ema: bool = False
+  spec_error: str | None = None
 
 
 @dataclasses.dataclass(eq=False)
 class Model:
-  """A network and its weights: `model(images)` gives eval-mode logits.
+  """A network and its weights: `model(images)` gives eval-mode logits
+  (or, made with `features_only=True`, the backbone's feature maps).
 
   Attributes:
     name: the registry name (or the workdir's model, for a workdir).
@@ -94,6 +104,9 @@ class Model:
     family, model_kwargs: the `models.families.MODELS` class and its
       constructor arguments.
     label_names: class names by index, or None.
+    feature_indices: None: `model(images)` gives logits; else the indices
+      (into `families.feature_info`, increasing) of the feature maps it
+      gives instead, a list (`feature_info` describes them).
 
   The forward is compiled on the first call for each input shape and
   convolution lowering (`nfnets_jax.cpu.conv_impl`), with the package's CPU
@@ -108,25 +121,105 @@ class Model:
   family: str
   model_kwargs: Mapping[str, Any]
   label_names: tuple[str, ...] | None = None
+  feature_indices: tuple[int, ...] | None = None
   _jitted: dict[str, Any] = dataclasses.field(default_factory=dict,
                                               init=False, repr=False)
+  # (the params object, its standardized kernels): see `kernels`.
+  _kernels: tuple[Any, dict[str, jax.Array]] | None = dataclasses.field(
+      default=None, init=False, repr=False)
+  _ws_settings: dict[str, tuple[float, str]] | None = dataclasses.field(
+      default=None, init=False, repr=False)
 
-  def logits(self, params: hk.Params, state: hk.State,
-             images: jax.Array) -> jax.Array:
-    """The pure eval-mode forward: `[N, H, W, 3]` -> `[N, num_classes]`."""
-    outputs, _ = self.net.apply(params, state, None, images,
-                                is_training=False)
+  def standardize(self, params: hk.Params, state: hk.State
+                  ) -> dict[str, jax.Array]:
+    """Every WS convolution's standardized kernel for `params` (pure):
+    module name -> HWIO kernel; empty for networks without WS convolutions.
+
+    The modules are found once per model by tracing its forward abstractly
+    (`layers.ws_conv_settings`); the kernels are `layers.standardize_kernels`.
+    """
+    if self._ws_settings is None:
+      size = stats.TRACE_SIZE
+      images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+      self._ws_settings = layers.ws_conv_settings(
+          lambda p, s, x: self.net.apply(p, s, None, x, is_training=False),
+          params, state, images)
+    return layers.standardize_kernels(params, self._ws_settings)
+
+  def kernels(self) -> dict[str, jax.Array]:
+    """`standardize(self.params, self.state)`, computed once per params.
+
+    Recomputed when `self.params` is assigned a new tree (compared by
+    identity: assign a new tree rather than changing arrays inside it).
+    """
+    if self._kernels is None or self._kernels[0] is not self.params:
+      if "standardize" not in self._jitted:
+        # Many small programs run once: without LLVM's expensive passes
+        # F0's compile took 1.5 s instead of 3.9 s (a loaded 2-core CPU).
+        self._jitted["standardize"] = compiler.Compiled(
+            jax.jit(self.standardize), fast=True)
+      self._kernels = (self.params,
+                       self._jitted["standardize"](self.params, self.state))
+    return self._kernels[1]
+
+  def logits(self, params: hk.Params, state: hk.State, images: jax.Array,
+             kernels: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """The pure eval-mode forward: `[N, H, W, 3]` -> `[N, num_classes]`.
+
+    Args:
+      params, state: the weights.
+      images: normalized NHWC float images.
+      kernels: `standardize(params, state)`: the forward then does no weight
+        standardization of its own (same logits). None: it standardizes.
+    """
+    with (contextlib.nullcontext() if kernels is None
+          else layers.standardized_kernels(kernels)):
+      outputs, _ = self.net.apply(params, state, None, images,
+                                  is_training=False)
     return outputs["logits"]
 
-  def __call__(self, images: Any) -> jax.Array:
-    """Logits `[N, num_classes]` of normalized NHWC float images.
+  def forward(self, params: hk.Params, state: hk.State, images: jax.Array,
+              kernels: Mapping[str, jax.Array] | None = None
+              ) -> jax.Array | list[jax.Array]:
+    """What `model(images)` computes, pure: `logits`, or with
+    `feature_indices` the list of those feature maps, each
+    `[N, H / reduction, W / reduction, channels]` (`feature_info`).
 
+    Args: as `logits`'.
+    """
+    if self.feature_indices is None:
+      return self.logits(params, state, images, kernels)
+    with (contextlib.nullcontext() if kernels is None
+          else layers.standardized_kernels(kernels)):
+      outputs, _ = self.net.apply(params, state, None, images,
+                                  is_training=False, return_features=True)
+    return [outputs["features"][i] for i in self.feature_indices]
+
+  @property
+  def feature_info(self) -> tuple[layers.FeatureInfo, ...]:
+    """The maps `model(images)` returns (`features_only=True`); for a
+    logits model, every map its network has (`families.feature_info`).
+
+    Raises:
+      ValueError: a family without feature maps.
+    """
+    info = families.feature_info(self.family, self.model_kwargs)
+    if self.feature_indices is None:
+      return info
+    return tuple(info[i] for i in self.feature_indices)
+
+  def __call__(self, images: Any) -> jax.Array | list[jax.Array]:
+    """Logits `[N, num_classes]` of normalized NHWC float images, or a
+    features model's maps (`forward`).
+
+    Weights are standardized once per params (`kernels`), not per call.
     Compiled on the first call (and again for each new input shape).
     """
     impl = lowering.resolved_conv_impl()
     if impl not in self._jitted:
-      self._jitted[impl] = compiler.jit(self.logits)
-    return self._jitted[impl](self.params, self.state, jnp.asarray(images))
+      self._jitted[impl] = compiler.jit(self.forward)
+    return self._jitted[impl](self.params, self.state, jnp.asarray(images),
+                              self.kernels())
 
   def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
     """One `[H, W, 3]` 0-255 RGB image, or an image file's path, -> the
@@ -193,6 +286,16 @@ def _nfnet_spec(params: Mapping[str, Any], timm: bool
   except ValueError:
     return None
   return registry.REGISTRY.get(registry.name_for_nfnet(variant, timm=timm))
+
+
+def _normfree_spec(params: Mapping[str, Any]
+                   ) -> tuple[registry.ModelSpec | None, str | None]:
+  """`(registry entry, None)` of NormFreeNet params, or `(None, why not)`."""
+  try:
+    name = timm_normfree.identify(stats.as_shapes(params))
+    return registry.get_spec(name), None
+  except ValueError as err:
+    return None, str(err)
 
 
 def _read_json(path: str) -> Any:
@@ -318,22 +421,73 @@ def load_checkpoint(path: PathLike, *, step: int | None = None,
     raise ValueError(f"{path} is an exported model (nfnets_jax.export()): it "
                      "has no params to load; use nfnets_jax.load_exported")
   if kind == "timm":
-    params, state = timm.from_timm_state_dict(timm.load_timm_file(path))
+    state_dict = timm.load_timm_file(path)
+    if timm_normfree.is_dm_nfnet(state_dict):
+      params, state = timm.from_timm_state_dict(state_dict)
+    else:
+      params, state = timm_normfree.from_timm_state_dict(state_dict), {}
   else:
     params, state = official.load_pretrained(path)
+  spec, spec_error = _nfnet_spec(params, timm=kind == "timm"), None
+  if spec is None and timm_normfree.is_normfree(params):
+    spec, spec_error = _normfree_spec(params)
   return Checkpoint(path=path, format=kind, params=params, state=state,
-                    spec=_nfnet_spec(params, timm=kind == "timm"))
+                    spec=spec, spec_error=spec_error)
+
+
+def feature_indices(info: Sequence[layers.FeatureInfo],
+                    out_indices: Sequence[int] | None, name: str
+                    ) -> tuple[int, ...]:
+  """The maps `out_indices` selects of a model's `info`, as timm selects
+  them: indices into the full list, negative ones from its end.
+
+  Args:
+    info: every map of the model (`families.feature_info`).
+    out_indices: the selection; None: all.
+    name: the model's name (for errors).
+
+  Returns:
+    Non-negative indices into `info`, increasing, each once.
+
+  Raises:
+    ValueError: an empty selection, or an index that is not an int in
+      `[-len(info), len(info) - 1]`, naming it and the maps there are.
+  """
+  n = len(info)
+  if out_indices is None:
+    return tuple(range(n))
+  allowed = (f"allowed: ints in [{-n}, {n - 1}] for the {n} maps of {name} "
+             f"{[f.module for f in info]}")
+  if np.ndim(out_indices) != 1:
+    raise ValueError(f"out_indices={out_indices!r} is not a sequence of map "
+                     f"indices; {allowed}")
+  chosen = set()
+  for i in out_indices:
+    if (isinstance(i, bool) or not isinstance(i, (int, np.integer))
+        or not -n <= i < n):
+      raise ValueError(f"out_indices={out_indices!r}: {i!r} is not a map "
+                       f"index; {allowed}")
+    chosen.add(int(i) % n)
+  if not chosen:
+    raise ValueError(f"out_indices={out_indices!r} selects no map; {allowed}")
+  return tuple(sorted(chosen))
 
 
 def create_model(name: str | None = None, *,
                  pretrained: PathLike | None | bool = None,
                  num_classes: int | None = None, seed: int = 0,
+                 features_only: bool = False,
+                 out_indices: Sequence[int] | None = None,
                  **model_kwargs: Any) -> Model:
   """Builds a named model, with weights from `pretrained` if given.
 
   Args:
     name: a registry name (`list_models()`); None: inferred from
-      `pretrained` (an NFNet's variant, a workdir's config).
+      `pretrained` (an NFNet's variant, a NormFreeNet's layout, a workdir's
+      config). A name that timm uses for another definition (`nf_resnet50`,
+      `nf_regnet_b1`, `nfnet_f0`, ...: the official one here) with a timm
+      file of that model builds timm's (`timm_nf_resnet50`, ...): the file
+      tells the two apart.
     pretrained: a checkpoint in any format of `detect_format` but
       'exported'. None: random weights from `seed`, with a warning that
       says so; False: random weights, asked for (no warning).
@@ -341,6 +495,12 @@ def create_model(name: str | None = None, *,
       name's (1000). A different count than the checkpoint's replaces its
       classifier (N(0, 0.01) weights, zero bias) for fine-tuning.
     seed: PRNG seed of a random initialization or a new classifier.
+    features_only: the model returns its backbone's feature maps, a list
+      of NHWC arrays (`Model.feature_info`: channels, reduction, timm's
+      module name), instead of logits; the weights are the same.
+    out_indices: with `features_only`, which maps (as timm's: indices into
+      the full list, negative ones from its end); None: all. They come in
+      network order, each once.
     **model_kwargs: constructor arguments overriding the name's (e.g. a
       custom `variant=`).
 
@@ -349,9 +509,14 @@ def create_model(name: str | None = None, *,
 
   Raises:
     ValueError: an unknown name, a checkpoint that names no model and no
-      `name`, or (`ParamsMismatchError`) params that do not fit the model,
-      listing every differing name and shape.
+      `name`, (`ParamsMismatchError`) params that do not fit the model,
+      listing every differing name and shape, `out_indices` without
+      `features_only` or out of range, or `features_only` for a family
+      without feature maps.
   """
+  if out_indices is not None and not features_only:
+    raise ValueError(f"out_indices={out_indices!r} selects feature maps; "
+                     "it needs features_only=True")
   if pretrained is True:
     raise ValueError("create_model(pretrained=True): nothing is downloaded; "
                      "pass the path of a checkpoint you have (official "
@@ -360,14 +525,21 @@ def create_model(name: str | None = None, *,
   ckpt = None if random_weights else load_checkpoint(pretrained)
   if name is not None:
     spec = registry.get_spec(name)
+    if (ckpt is not None and ckpt.spec is not None
+        and ckpt.spec.name == registry.TIMM_PREFIX + spec.name):
+      spec = ckpt.spec  # timm's definition of the name.
   elif ckpt is not None and ckpt.spec is not None:
     spec = ckpt.spec
   else:
-    where = "" if ckpt is None else f" ({ckpt.path}: params of no known model)"
+    where = "" if ckpt is None else (
+        f" ({ckpt.path}: {ckpt.spec_error or 'params of no known model'})")
     raise ValueError(f"create_model: no model name given and none can be "
                      f"inferred{where}; pass one of nfnets_jax.list_models()")
   kwargs = {**spec.kwargs, **model_kwargs}
   families.check_family(spec.family, kwargs)
+  indices = (feature_indices(families.feature_info(spec.family, kwargs),
+                             out_indices, spec.name)
+             if features_only else None)
   head = stats.classifier_names(spec.family, kwargs)
   have = None if ckpt is None else checks.checkpoint_classes(ckpt.params,
                                                              head)
@@ -411,4 +583,5 @@ def create_model(name: str | None = None, *,
   return Model(name=spec.name, net=net, params=to_device(params),
                state=to_device(state), num_classes=classes,
                data_config=spec.data, family=spec.family,
-               model_kwargs=kwargs, label_names=label_names)
+               model_kwargs=kwargs, label_names=label_names,
+               feature_indices=indices)

@@ -7,8 +7,9 @@
 The file is `MAGIC`, an 8-byte little-endian header length, a UTF-8 JSON
 header (model name, class count, input size, batch size, data config, label
 names), then `jax.export.Exported.serialize()` of the jitted forward with
-the params and state closed over as constants. Any JAX program can run the
-artifact without this package: skip the header and call
+the params and state closed over as constants and the weights standardized
+once (`Model.kernels`): the artifact does no weight standardization. Any JAX
+program can run the artifact without this package: skip the header and call
 `jax.export.deserialize(blob).call(images)`.
 """
 from __future__ import annotations
@@ -39,7 +40,11 @@ class Exportable(Protocol):
   data_config: registry.DataConfig
   label_names: Sequence[str] | None
 
-  def logits(self, params: Any, state: Any, images: jax.Array) -> jax.Array:
+  def forward(self, params: Any, state: Any, images: jax.Array,
+              kernels: Any = None) -> Any:
+    ...
+
+  def kernels(self) -> Any:
     ...
 
 
@@ -59,8 +64,9 @@ class ExportedModel:
   batch_size: int | None
   exported: jax.export.Exported
 
-  def __call__(self, images: Any) -> jax.Array:
-    """Logits `[N, num_classes]` of normalized `[N, S, S, 3]` images."""
+  def __call__(self, images: Any) -> Any:
+    """Logits `[N, num_classes]` of normalized `[N, S, S, 3]` images (a
+    `features_only` model's list of feature maps)."""
     return self.exported.call(jnp.asarray(images, jnp.float32))
 
   def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
@@ -89,12 +95,12 @@ def export(model: Exportable, path: PathLike, batch_size: int | None = None,
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1 (or None)")
   size = model.data_config.test_size
-  params, state = model.params, model.state
+  params, state, kernels = model.params, model.state, model.kernels()
   batch = (jax.export.symbolic_shape("b")[0] if batch_size is None
            else batch_size)
   images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   exported = jax.export.export(
-      jax.jit(lambda x: model.logits(params, state, x)),
+      jax.jit(lambda x: model.forward(params, state, x, kernels)),
       platforms=platforms)(images)
   header = json.dumps({
       "format_version": FORMAT_VERSION, "name": model.name,

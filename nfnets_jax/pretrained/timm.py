@@ -64,6 +64,16 @@ OFFICIAL_NFNET_KWARGS: dict[str, Any] = {
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
+def _torch_state_dict(path: str, map_location: str) -> Mapping[str, Any]:
+  """A torch file's state dict, unwrapped from a checkpoint dict."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sd = torch.load(path, map_location=map_location, weights_only=True)
+  for key in ("state_dict", "model", "state_dict_ema"):
+    if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
+      return sd[key]
+  return sd
+
+
 def load_timm_file(path: str) -> Mapping[str, Any]:
   """A timm state dict from `.safetensors`, or a `.pth`/`.bin` torch file.
 
@@ -75,12 +85,22 @@ def load_timm_file(path: str) -> Mapping[str, Any]:
     # pylint: disable-next=g-import-not-at-top
     from safetensors.numpy import load_file
     return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  for key in ("state_dict", "model", "state_dict_ema"):
-    if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-      return sd[key]
-  return sd
+  return _torch_state_dict(path, "cpu")
+
+
+def read_timm_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """The keys and shapes of `load_timm_file(path)`, without its weights.
+
+  A `.safetensors` file's header; a torch file loaded onto PyTorch's 'meta'
+  device (`weights_only=True`), which reads no tensor data.
+  """
+  if path.endswith(".safetensors"):
+    # pylint: disable-next=g-import-not-at-top
+    from safetensors import safe_open
+    with safe_open(path, "np") as f:
+      return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+  return {k: tuple(v.shape)
+          for k, v in _torch_state_dict(path, "meta").items()}
 
 # ----------------------------------------------------------------------------
 # timm's dm_nfnet_* state dicts.
@@ -157,12 +177,19 @@ def timm_param_names(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
   if unknown:
     raise ValueError(
         f"{len(unknown)} state-dict keys are not part of a timm dm_nfnet_* "
-        f"model (timm's own nfnet_*/eca_nfnet_* are different networks): "
+        f"model (timm's other NF models, nfnet_*, eca_nfnet_*, ..., are "
+        f"NormFreeNets: pretrained.timm_normfree): "
         f"{unknown[:10]}")
   return names
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def to_numpy(value: Any, key: str) -> np.ndarray:
+  """A state-dict value (np.ndarray or torch.Tensor, any device) as NumPy;
+  floating torch tensors become float32.
+
+  Raises:
+    ValueError: a non-numeric value, named by its `key`.
+  """
   if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor
     value = value.detach().cpu()
     if value.is_floating_point():
@@ -204,7 +231,7 @@ def from_timm_state_dict(state_dict: Mapping[str, Any],
   names = timm_param_names(state_dict)
   params: Params = {}
   for key, (module, name) in names.items():
-    x = _to_numpy(state_dict[key], key)
+    x = to_numpy(state_dict[key], key)
     if name in ("gain", "bias", "b", "skip_gain"):
       if name == "gain" and x.ndim == 4 and x.shape[1:] == (1, 1, 1):
         x = x.reshape(x.shape[0])

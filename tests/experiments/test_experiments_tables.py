@@ -10,9 +10,11 @@ import pytest
 from experiments import common
 from experiments import gammas
 from experiments import model_table
+from experiments import model_zoo
 from experiments import signal_propagation
 from nfnets_jax.models import layers
 from nfnets_jax.models import signal_propagation as sp
+from nfnets_jax.pretrained import registry
 
 import experiment_outputs
 
@@ -49,6 +51,19 @@ def test_model_table_specs_cover_every_variant():
       names)
   assert set(model_table.PAPER) <= set(names)
   assert set(model_table.TIMM) <= set(names)
+
+
+def test_model_zoo_quick(tmp_path):
+  rows = model_zoo.main(["--quick", "--out", str(tmp_path)])
+  experiment_outputs.check_outputs(tmp_path, model_zoo.MODULE)
+  by_name = {r["name"]: r for r in rows}
+  assert list(by_name) == list(model_zoo.QUICK)
+  assert by_name["nf_resnet26"]["definition"] == "official"
+  assert by_name["nf_seresnet26"]["definition"] == "timm `nf_seresnet26`"
+  assert by_name["nf_seresnet26"]["crop_mode"] == "center"
+  assert by_name["nf_seresnet26"]["params"] > by_name["nf_resnet26"]["params"]
+  assert model_zoo.weights(registry.get_spec("nf_resnet50")) == (
+      "timm `nf_resnet50.ra2_in1k` (builds `timm_nf_resnet50`)")
 
 
 def test_gammas_quick(tmp_path):

@@ -12,7 +12,7 @@ from nfnets_jax.models import families
 VARIANT = {"width": (16, 32), "depth": (1, 1), "train_imsize": 16,
            "test_imsize": 16, "drop_rate": 0.0, "randaugment_layers": 0,
            "randaugment_magnitude": 0}
-# The families share `layers.apply_blocks`, where remat is applied; the
+# The families share `layers.apply_stages`, where remat is applied; the
 # NFNet is the test's (the cheapest to compile).
 KWARGS = {
     "NFNet": {"variant": VARIANT, "group_size": 8, "stochdepth_rate": 0.0},
@@ -50,7 +50,8 @@ def test_remat_keeps_outputs_gradients_and_names(family):
 
 
 def test_remat_for_a_family_without_it_is_refused_by_name():
-  assert families.remat_families() == ["NFNet", "NFRegNet", "NFResNet"]
+  assert families.remat_families() == ["NFNet", "NFRegNet", "NFResNet",
+                                       "NormFreeNet"]
   with pytest.raises(ValueError, match="config.model.remat=True is not "
                      "supported by ResNet; allowed with NFNet"):
     families.make_network("ResNet", {"depth": 50}, 10, remat=True)
