@@ -39,20 +39,14 @@ def _probe(env):
   return proc.stdout.split()
 
 
-@pytest.mark.parametrize("setting", ["default", "off", "jax"])
+@pytest.mark.parametrize("setting", ["default", "jax"])
 def test_enable_in_a_fresh_process(setting, tmp_path):
   home, own = str(tmp_path / "home"), str(tmp_path / "own")
   env = {"XDG_CACHE_HOME": home}
-  if setting == "off":
-    env[compile_cache.ENV] = "0"
-  elif setting == "jax":
+  if setting == "jax":
     env["JAX_COMPILATION_CACHE_DIR"] = own
   enabled, configured = _probe(env)
   expected = {"default": os.path.join(home, "nfnets_jax", "jax"),
-              "off": "None", "jax": own}[setting]
-  assert enabled == expected
-  if setting == "off":
-    assert configured == "None" and not os.path.exists(home)
-  else:
-    assert configured == expected
-    assert os.listdir(expected)  # The jitted function was written there.
+              "jax": own}[setting]
+  assert enabled == configured == expected
+  assert os.listdir(expected)  # The jitted function was written there.
