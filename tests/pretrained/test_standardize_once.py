@@ -46,7 +46,10 @@ def perturbed(params, seed=1):
       for k, x in zip(keys, leaves)])
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_MODELS))
+@pytest.fixture(scope="module", params=[
+    "dm_nfnet_f0", "nf_regnet_b0",
+    # Opt-in (-m long), to keep the suite under CI's 10 minutes.
+    pytest.param("nf_resnet26", marks=pytest.mark.long)])
 def model(request):
   kwargs = TINY_MODELS[request.param][0]
   model = nj.create_model(request.param, pretrained=False, num_classes=5,
