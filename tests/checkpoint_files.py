@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from nfnets_jax.experiment import config_validation
+from nfnets_jax.experiment import recipes
 from nfnets_jax.models import nfnet
 from nfnets_jax.pretrained import timm as timm_weights
 
@@ -148,18 +150,7 @@ def perturbed_timm_f0():
   timm = pytest.importorskip("timm")
   torch.manual_seed(0)
   model = timm.create_model("dm_nfnet_f0", pretrained=False).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("skipinit_gain"):  # 0 at init: make branches count
-        p.uniform_(0.3, 1.0)
-      elif name.endswith(".gain"):
-        p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
-      elif name.endswith(".bias"):
-        p.normal_(0.0, 0.1)
-      elif name == "head.fc.weight":
-        p.normal_(0.0, 0.05)
-      else:
-        p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
+  perturb_timm(model)
   params, state = timm_weights.from_timm_state_dict(model.state_dict(), "F0")
   assert state == {}
 
@@ -233,3 +224,46 @@ def flip_in_largest_file(step_dir: str, n: int = 4096) -> str:
     f.seek(0)
     f.write(data)
   return path
+
+
+def perturb_timm(model) -> None:
+  """A timm NF model's random init made to exercise every path, in place
+  (with torch's current seed): skip gains and gains away from 0 and 1,
+  biases and the head non-zero, weights scaled unevenly.
+
+  A fresh model zero-initializes each residual branch (its `skipinit_gain`,
+  or the last conv's gain where timm has no skip gain), so without this many
+  paths would compute nothing."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("skipinit_gain"):
+        p.uniform_(0.3, 1.0)
+      elif name.endswith(".gain"):
+        p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+      elif name.endswith(".bias"):
+        p.normal_(0.0, 0.1)
+      elif name == "head.fc.weight":
+        p.normal_(0.0, 0.05)
+      else:
+        p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
+
+
+def finetune_config(path, **pretrained_fields):
+  """The fine-tuning recipe's smoke form on the digits from checkpoint
+  `path` (locked; `pretrained_fields` set `config.pretrained.*`)."""
+  config = recipes.nfnet_finetune("smoke")
+  config.dataset.name = "digits"
+  config.pretrained.path = str(path)
+  config.pretrained.update(pretrained_fields)
+  config.workdir = "/tmp/unused"
+  config.lock()
+  return config
+
+
+def forward_problems(config):
+  """The lines `config_validation` finds about the pretrained definition."""
+  # pylint: disable=protected-access
+  problems = config_validation._Problems()
+  config_validation._check_pretrained_model(config, problems)
+  return problems.lines

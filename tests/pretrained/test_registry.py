@@ -325,32 +325,16 @@ def test_workdir_loads_the_newest_ema_params(reference_run, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def finetune_config(path, **pretrained_fields):
-  config = recipes.nfnet_finetune("smoke")
-  config.dataset.name = "digits"
-  config.pretrained.path = str(path)
-  config.pretrained.update(pretrained_fields)
-  config.workdir = "/tmp/unused"
-  config.lock()
-  return config
-
-
-def forward_problems(config):
-  """The lines `config_validation` finds about the pretrained definition."""
-  # pylint: disable=protected-access
-  problems = config_validation._Problems()
-  config_validation._check_pretrained_model(config, problems)
-  return problems.lines
 
 
 def test_finetune_from_timm_file_adopts_timms_forward(timm_f0):
   _, path, _, _ = timm_f0
-  config = finetune_config(path)
+  config = checkpoint_files.finetune_config(path)
   # The recipe's official forward does not fit timm's weights ...
   assert ("timm dm_nfnet_* file, whose forward needs "
           "--config.model.kwargs.activation=gelu_exact "
           "--config.model.kwargs.ws_eps=1e-05 "
-          "--config.model.kwargs.ws_eps_mode=add") in forward_problems(
+          "--config.model.kwargs.ws_eps_mode=add") in checkpoint_files.forward_problems(
               config)[0]
   # ... so the run adopts timm's (loop.run does this before validating), in a
   # new config: the one it was given is left as it was.
@@ -359,18 +343,19 @@ def test_finetune_from_timm_file_adopts_timms_forward(timm_f0):
   assert config.to_dict() == before
   assert changed == timm_weights.TIMM_NFNET_KWARGS
   assert {k: adopted.model.kwargs[k] for k in changed} == changed
-  assert not forward_problems(adopted)
+  assert not checkpoint_files.forward_problems(adopted)
   again, changed = pretrained_start.adopt_forward(adopted)  # Idempotent.
   assert again is adopted and not changed
   # Fine-tuning timm's weights with the official definition: allowed.
-  official = finetune_config(path, model="nfnet_f0")
+  official = checkpoint_files.finetune_config(path, model="nfnet_f0")
   assert pretrained_start.adopt_forward(official) == (official, {})
-  assert not forward_problems(official)
-  assert "family config.model.name='NFNet'" in forward_problems(
-      finetune_config(path, model="resnet50"))[0]
+  assert not checkpoint_files.forward_problems(official)
+  assert "family config.model.name='NFNet'" in checkpoint_files.forward_problems(
+      checkpoint_files.finetune_config(path, model="resnet50"))[0]
   with pytest.raises(config_validation.ConfigError,
                      match="pretrained.model.*did you mean 'dm_nfnet_f0'"):
-    config_validation.validate(finetune_config(path, model="dm_nfnet_f0x"))
+    config_validation.validate(
+        checkpoint_files.finetune_config(path, model="dm_nfnet_f0x"))
 
 
 def test_initial_state_reads_any_format_and_replaces_the_head(tmp_path):

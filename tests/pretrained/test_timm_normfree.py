@@ -23,9 +23,7 @@ import pytest
 import nfnets_jax as nj
 from nfnets_jax.cli import predict
 from nfnets_jax.data import preprocessing
-from nfnets_jax.experiment import config_validation
 from nfnets_jax.experiment import pretrained_start
-from nfnets_jax.experiment import recipes
 from nfnets_jax.models import families
 from nfnets_jax.models import layers
 from nfnets_jax.models import normfree
@@ -65,20 +63,6 @@ def rel_diff(a, b):
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def perturb(model):
-  """Random gains, biases, weights and head, in place (seeded)."""
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith(".gain"):  # conv3's is 0 at init (skipinit=False).
-        p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
-      elif name.endswith(".bias"):
-        p.normal_(0.0, 0.1)
-      elif name == "head.fc.weight":
-        p.normal_(0.0, 0.05)
-      else:
-        p.mul_(torch.empty_like(p).uniform_(0.8, 1.2))
-
 
 @pytest.fixture(scope="module")
 def timm_file(tmp_path_factory):
@@ -89,7 +73,8 @@ def timm_file(tmp_path_factory):
   def get(name):
     if name not in made:
       model = timm.create_model(name).eval()
-      perturb(model)
+      torch.manual_seed(0)
+      checkpoint_files.perturb_timm(model)
       path = root / f"{name}.safetensors"
       save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                 str(path))
@@ -360,28 +345,13 @@ def test_export_of_a_timm_model(timm_file, tmp_path):
   np.testing.assert_allclose(exported(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def finetune_config(path, **pretrained_fields):
-  config = recipes.nfnet_finetune("smoke")
-  config.dataset.name = "digits"
-  config.pretrained.path = str(path)
-  config.pretrained.update(pretrained_fields)
-  config.workdir = "/tmp/unused"
-  config.lock()
-  return config
-
-
-def forward_problems(config):
-  # pylint: disable=protected-access
-  problems = config_validation._Problems()
-  config_validation._check_pretrained_model(config, problems)
-  return problems.lines
 
 
 def test_finetuning_a_timm_file_adopts_its_normfreenet(timm_file):
   _, path = timm_file("eca_nfnet_l0")
-  config = finetune_config(path)
+  config = checkpoint_files.finetune_config(path)
   # The recipe's NFNet does not fit: the problem says what to set ...
-  (problem,) = forward_problems(config)
+  (problem,) = checkpoint_files.forward_problems(config)
   assert "is 'eca_nfnet_l0' (timm's definition, a NormFreeNet)" in problem
   assert "--config.model.name=NormFreeNet" in problem
   # ... and the run sets it (loop.run does this before validating).
@@ -392,10 +362,10 @@ def test_finetuning_a_timm_file_adopts_its_normfreenet(timm_file):
       "variant": "eca_nfnet_l0", "stochdepth_rate": 0.1}}
   assert adopted.model.name == "NormFreeNet"
   assert adopted.model.kwargs.to_dict() == changed["kwargs"]
-  assert not forward_problems(adopted)
+  assert not checkpoint_files.forward_problems(adopted)
   assert pretrained_start.adopt_forward(adopted) == (adopted, {})
   # pretrained.model picks the NormFreeNet to fine-tune it as.
-  assert pretrained_start.adopt_forward(finetune_config(
+  assert pretrained_start.adopt_forward(checkpoint_files.finetune_config(
       path, model="nfnet_l0"))[1]["kwargs"]["variant"] == "nfnet_l0"
   # The weights fit the adopted network, with a new head.
   net = families.make_network("NormFreeNet", adopted.model.kwargs, 10)
