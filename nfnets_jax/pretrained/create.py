@@ -172,11 +172,19 @@ class Model:
       kernels: `standardize(params, state)`: the forward then does no weight
         standardization of its own (same logits). None: it standardizes.
     """
+    return self._eval_outputs(params, state, images, kernels)["logits"]
+
+  def _eval_outputs(self, params: hk.Params, state: hk.State,
+                    images: jax.Array,
+                    kernels: Mapping[str, jax.Array] | None,
+                    return_features: bool = False) -> dict[str, Any]:
+    """The network's eval-mode outputs, given kernels or standardizing."""
     with (contextlib.nullcontext() if kernels is None
           else layers.standardized_kernels(kernels)):
       outputs, _ = self.net.apply(params, state, None, images,
-                                  is_training=False)
-    return outputs["logits"]
+                                  is_training=False,
+                                  return_features=return_features)
+    return outputs
 
   def forward(self, params: hk.Params, state: hk.State, images: jax.Array,
               kernels: Mapping[str, jax.Array] | None = None
@@ -189,11 +197,9 @@ class Model:
     """
     if self.feature_indices is None:
       return self.logits(params, state, images, kernels)
-    with (contextlib.nullcontext() if kernels is None
-          else layers.standardized_kernels(kernels)):
-      outputs, _ = self.net.apply(params, state, None, images,
-                                  is_training=False, return_features=True)
-    return [outputs["features"][i] for i in self.feature_indices]
+    features = self._eval_outputs(params, state, images, kernels,
+                                  return_features=True)["features"]
+    return [features[i] for i in self.feature_indices]
 
   @property
   def feature_info(self) -> tuple[layers.FeatureInfo, ...]:
