@@ -311,8 +311,8 @@ def train_loop(config: Any, spec: config_validation.RunSpec, c: Components,
   timer = profiling.StepTimer(step)
   profiler = profiling.StepProfiler(
       profiling.parse_profile_steps(config.logging.profile_steps),
-      config.workdir if jax.process_count() == 1 else os.path.join(
-          config.workdir, f"process_{jax.process_index()}"))
+      config.workdir,
+      None if jax.process_count() == 1 else jax.process_index())
 
   def check(pending):
     at, metrics = pending

@@ -86,9 +86,14 @@ class StepProfiler:
   left open.
   """
 
-  def __init__(self, steps: tuple[int, int] | None, workdir: str):
+  def __init__(self, steps: tuple[int, int] | None, workdir: str,
+               process: int | None = None):
+    """`process`: in a multi-process run, this one's index (its trace goes
+    to `WORKDIR/profile/process_<i>`)."""
     self.steps = steps
-    self.directory = os.path.join(workdir, PROFILE_DIR)
+    self.directory = os.path.join(
+        workdir, PROFILE_DIR,
+        *([] if process is None else [f"process_{process}"]))
     self._active = False
 
   def after_step(self, step: int, state: Any) -> None:
