@@ -156,7 +156,10 @@ def test_compiler_options_respect_the_user():
   flag = "xla_cpu_experimental_ynn_fusion_type"
   assert flag in compiler.compiler_options(environ={})
   assert compiler.compiler_options(
-      environ={"XLA_FLAGS": f"--{flag}=dot"}) == {}
+      environ={"XLA_FLAGS": f"--{flag}=dot"}) == {
+          "xla_disable_hlo_passes": "cse_barrier_expander"}
+  assert compiler.compiler_options(environ={
+      "XLA_FLAGS": f"--{flag}=dot --xla_disable_hlo_passes=foo"}) == {}
   assert compiler.compiler_options(
       environ={compiler.OPT_OUT_ENV: "0"}) == {}
   fast = compiler.compiler_options(fast=True, environ={compiler.OPT_OUT_ENV: "0"})
