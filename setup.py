@@ -26,6 +26,7 @@ setuptools.setup(
         "flatbuffers==25.12.19",  # jax.export serialization
         "safetensors==0.8.0",  # timm .safetensors checkpoints
         "pillow>=10",  # nfnets-predict reads images
+        "scipy>=1.13",  # sparse bicubic resampling of the input pipeline
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.14.1",
@@ -37,6 +38,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": ["nfnets-train=nfnets_jax.cli.train:main",
                             "nfnets-predict=nfnets_jax.cli.predict:main",
-                            "nfnets-convert=nfnets_jax.cli.convert:main"],
+                            "nfnets-convert=nfnets_jax.cli.convert:main",
+                            "nfnets-plan=nfnets_jax.cli.plan:main"],
     },
 )
