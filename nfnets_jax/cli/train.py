@@ -30,17 +30,12 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from nfnets_jax.cli import compile_cache
 from nfnets_jax.cli import errors
 from nfnets_jax.cli import train_flags
 from nfnets_jax.cpu import malloc
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py), optionally "
-    "followed by ':<arg>' passed to its get_config (e.g. ':smoke').",
-    lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard "
     "events and the resolved config; an existing run there is resumed.")
@@ -79,7 +74,7 @@ def _train() -> int:
       logger.removeFilter(_hide_orbax_errors)
     else:
       logger.addFilter(_hide_orbax_errors)
-  config = _CONFIG.value
+  config = train_flags.CONFIG.value
   config.workdir = _WORKDIR.value
   try:
     loop.run(config, reevaluate=_REEVALUATE.value,
@@ -116,18 +111,6 @@ def _hide_orbax_errors(record: Any) -> bool:
   return not (record.name == "asyncio" and "orbax" in record.getMessage())
 
 
-def _forget_parsed_flags() -> None:
-  """Resets the flags a previous `run` in this process parsed.
-
-  The config flag defines one `config.<field>` flag per override it parses:
-  those go, so the next command line can name them again.
-  """
-  flags.FLAGS.unparse_flags()
-  for name in list(flags.FLAGS):
-    if name.startswith(f"{_CONFIG.name}."):
-      delattr(flags.FLAGS, name)
-
-
 def run(argv: Sequence[str],
         launch: Callable[[Callable[[], int]], int] = lambda train: train()
         ) -> int:
@@ -147,7 +130,6 @@ def run(argv: Sequence[str],
     print(train_flags.help_text(argv[1:]))
     return 0
   app.define_help_flags()  # --helpfull, --helpshort (exit 1, absl's way).
-  _forget_parsed_flags()
   remaining = train_flags.parse_flags(argv)
   if len(remaining) > 1:
     raise errors.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "

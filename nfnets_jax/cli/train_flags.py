@@ -1,4 +1,5 @@
-"""`nfnets-train`'s command line before training: `--help` and flag checks.
+"""`nfnets-train`'s (and `nfnets-plan`'s) command line: `--help`, the
+`--config` flag with its `--config.<field>` overrides, and flag checks.
 
 Every mistake in the flags becomes one `errors.UsageError` (exit status 2)
 naming the flag, the value and what is allowed, before JAX compiles
@@ -23,6 +24,7 @@ import textwrap
 
 from absl import flags
 from ml_collections import config_dict
+from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
 from nfnets_jax.cli import errors
@@ -45,6 +47,16 @@ COMMON_OVERRIDES = (
     ("pretrained.path", "fine-tune from this checkpoint file"),
     ("seed", "the one seed (init, data order, augmenting)"),
 )
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py), optionally "
+    "followed by ':<arg>' passed to its get_config (e.g. ':smoke').",
+    lock_config=True)
+# Flags each program requires: (name, what it is).
+TRAIN_REQUIRED = (("config", "a config file such as configs/default.py"),
+                  ("workdir", "a directory for the run's outputs"))
+TRAIN_TAKES = ("--config, --workdir, --config.FIELD=VALUE, --reevaluate, "
+               "--allow_config_change and --verbose")
 
 _TYPE_WORDS = {bool: "true or false", int: "an int", float: "a number",
                str: "a string", tuple: "a tuple, e.g. '(1, 2)'"}
@@ -342,7 +354,8 @@ def _allowed(path: str, config: config_dict.ConfigDict) -> str:
 
 
 def flag_error_line(err: flags.Error,
-                    config: config_dict.ConfigDict | None) -> str:
+                    config: config_dict.ConfigDict | None, *,
+                    prog: str = PROG, takes: str = TRAIN_TAKES) -> str:
   """One line for an absl flag-parsing error, naming what is allowed."""
   text = str(err)
   m = re.match(r"flag --config\.([^=\s]+)=(.*?): (.*)$", text, re.S)
@@ -355,14 +368,32 @@ def flag_error_line(err: flags.Error,
     return (f"--config.{path}={value!r} is invalid: {reason}"
             f"{_allowed(path, config)}")
   if isinstance(err, flags.UnrecognizedFlagError):
-    return (f"{text}; {PROG} takes --config, --workdir, "
-            "--config.FIELD=VALUE, --reevaluate, --allow_config_change and "
-            "--verbose (see --help)")
+    return f"{text}; {prog} takes {takes} (see --help)"
   return f"{text} (see --help)"
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def forget_parsed_flags() -> None:
+  """Resets the flags a previous command in this process parsed.
+
+  The config flag defines one `config.<field>` flag per override it parses:
+  those go, so the next command line can name them again.
+  """
+  flags.FLAGS.unparse_flags()
+  for name in list(flags.FLAGS):
+    if name.startswith(f"{CONFIG.name}."):
+      delattr(flags.FLAGS, name)
+
+
+def parse_flags(argv: Sequence[str], *,
+                required: Sequence[tuple[str, str]] = TRAIN_REQUIRED,
+                prog: str = PROG, takes: str = TRAIN_TAKES) -> list[str]:
   """Checks and parses the command line `argv` into absl's FLAGS.
+
+  Args:
+    argv: the command line, the program name first.
+    required: `(flag, what it is)` of the flags that must be given.
+    prog: the program, for messages.
+    takes: the flags it takes, for the unknown-flag message.
 
   Returns:
     The arguments left after the flags (the program name first).
@@ -370,9 +401,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   Raises:
     errors.UsageError: any bad flag (see the module docstring).
   """
+  forget_parsed_flags()
   args = list(argv[1:])
-  for name, what in (("config", "a config file such as configs/default.py"),
-                     ("workdir", "a directory for the run's outputs")):
+  for name, what in required:
     if not flag_value(args, name):
       raise errors.UsageError(f"--{name} is required: {what} (see --help)")
   spec = resolve_config(flag_value(args, "config"))
@@ -385,6 +416,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
-    raise errors.UsageError(flag_error_line(err, config)) from err
+    raise errors.UsageError(
+        flag_error_line(err, config, prog=prog, takes=takes)) from err
   finally:
     sys.argv = saved

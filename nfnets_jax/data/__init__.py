@@ -20,11 +20,12 @@ from nfnets_jax.data.preprocessing import STDDEV_RGB
 from nfnets_jax.data.sources import DatasetInfo
 from nfnets_jax.data.sources import DIGITS
 from nfnets_jax.data.sources import dataset_info
+from nfnets_jax.data.sources import num_classes
 from nfnets_jax.data.sources import Split
 from nfnets_jax.data.sources import SplitRange
 
 __all__ = (
     'Augment', 'DIGITS', 'DatasetInfo', 'IMAGE_FOLDER', 'ImageDecodeError',
     'ImageTooLargeError', 'MEAN_RGB', 'STDDEV_RGB', 'Split', 'SplitRange', 'dataset_info', 'load',
-    'parse_augment',
+    'num_classes', 'parse_augment',
 )

@@ -210,6 +210,25 @@ def _open_tfds(dataset: str, base: str, data_dir: str | None) -> Any:
                           download=False)
 
 
+def num_classes(dataset: str, data_dir: str | None = None) -> int:
+  """The label classes of `dataset` from its metadata: no data read.
+
+  For a TFDS dataset this needs no prepared data (the builder's metadata
+  knows its classes); an image folder is scanned.
+
+  Raises:
+    ValueError: as `dataset_info`, for an unknown or non-classification
+      dataset or a bad image folder.
+  """
+  if dataset == DIGITS:
+    return _digits_info().num_classes
+  if dataset == image_folder.IMAGE_FOLDER:
+    return len(image_folder.scan(data_dir).class_names)
+  builder = _tfds_builder(dataset, data_dir)
+  _, label_key = _tfds_keys(dataset, builder)
+  return int(builder.info.features[label_key].num_classes)
+
+
 def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
   """Metadata of `dataset`, checking that it can be read.
 

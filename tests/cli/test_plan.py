@@ -1,0 +1,141 @@
+"""`nfnets-plan`: one device's train step compiled from a config, its memory
+and compute read from XLA, and the accumulation steps / remat that fit."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets_jax.cli import errors
+from nfnets_jax.cli import plan
+from nfnets_jax.experiment import memory_plan
+from nfnets_jax.experiment import train_state as ts
+from nfnets_jax.models import families
+from nfnets_jax.models import stats
+from nfnets_jax.optim import optimizers
+import train_harness as testing
+
+SMOKE = f"--config={testing.DEFAULT_CONFIG}:smoke"
+BATCH = "--config.train.global_batch_size=32"
+
+
+def _plan(capsys, *args):
+  status = errors.guard(plan.PROG, lambda: plan.run(["nfnets-plan", *args]))
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+@pytest.fixture(scope="module")
+def fitting(tmp_path_factory):
+  """The smoke config's plan on 2 devices with room to spare (JSON)."""
+  config = testing.load_config(testing.DEFAULT_CONFIG, "smoke")
+  with config.unlocked():
+    config.train.global_batch_size = 32
+  result = memory_plan.plan(config, num_devices=2, num_classes=10,
+                            device_memory_gib=1.0)
+  return config, result
+
+
+def _bytes(tree):
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def test_plan_reads_the_compiled_step(fitting):
+  config, result = fitting
+  step = result.step
+  assert result.fits and not result.suggestions and not result.probes
+  assert result.per_device_batch == step.micro_batch == 16
+  assert (step.accumulation_steps, step.remat, step.backend) == (1, False,
+                                                                 "cpu")
+  # The arguments are exactly the train state and one device's batch.
+  net = families.make_network(config.model.name, config.model.kwargs, 10)
+  tx, _ = optimizers.make_optimizer(
+      config.optimizer, batch_size=32, steps_per_epoch=1, total_epochs=1.0)
+  state = ts.train_state_template(net, tx, image_size=config.train.image_size,
+                                  use_ema=config.train.ema_decay is not None)
+  size = config.train.image_size
+  batch_bytes = 16 * (size * size * 3 * 4 + 4 + 10 * 4)
+  assert step.argument_bytes == _bytes(state) + batch_bytes
+  # The state is donated: its outputs are written in place.
+  assert step.alias_bytes == _bytes(state)
+  assert step.peak_bytes == (step.argument_bytes + step.output_bytes
+                             - step.alias_bytes + step.temp_bytes)
+  assert result.num_params == stats.count_params(state.params)
+  model_fn = lambda x: families.build_model(
+      config.model.name, 10, **config.model.kwargs)(x, is_training=False)
+  assert result.macs_per_image == stats.count_flops(model_fn, size)
+  assert step.flops > 2 * 16 * result.macs_per_image  # Forward + backward.
+
+
+@pytest.fixture(scope="module")
+def crowded(fitting):
+  """The same on a device of 0.6 times its peak memory."""
+  config, fits = fitting
+  limit_gib = 0.6 * fits.step.peak_bytes / memory_plan.GIB
+  return memory_plan.plan(config, num_devices=2, num_classes=10,
+                          device_memory_gib=limit_gib)
+
+
+def test_a_step_that_does_not_fit_gets_compiled_suggestions(fitting, crowded):
+  _, fits = fitting
+  assert crowded.fits is False
+  assert crowded.step.peak_bytes == fits.step.peak_bytes
+  # Probes at an eighth of the micro-batch, as configured and with remat.
+  assert [(p.micro_batch, p.remat) for p in crowded.probes] == [
+      (2, False), (2, True)]
+  assert crowded.suggestions
+  for s in crowded.suggestions:
+    assert s.peak_bytes <= crowded.device_memory_bytes
+    assert s.accumulation_steps * s.micro_batch == 16
+  assert [s.remat for s in crowded.suggestions] == [False, True]
+  assert crowded.suggestions[0].accumulation_steps > 1
+  # Remat at the same micro-batch needs less memory than without.
+  plain, remat = crowded.probes
+  assert remat.temp_bytes < plain.temp_bytes
+
+
+def test_command_line(capsys, monkeypatch, fitting, crowded):
+  config, fits = fitting
+  asked = []
+
+  def fake_plan(config, **kwargs):
+    asked.append((config, kwargs))
+    return crowded if kwargs["device_memory_gib"] < 1 else fits
+  monkeypatch.setattr(memory_plan, "plan", fake_plan)
+  status, out, err = _plan(capsys, SMOKE, BATCH, "--devices=2",
+                           "--device-memory=1", "--json")
+  assert status == 0 and not err
+  seen, kwargs = asked[-1]
+  assert seen.train.global_batch_size == 32
+  assert (kwargs["num_devices"], kwargs["device_memory_gib"],
+          kwargs["num_classes"]) == (2, 1.0, 10)
+  record = json.loads(out)
+  assert record["peak_bytes"] == fits.step.peak_bytes
+  assert (record["per_device_batch"], record["fits"], record["backend"]) == (
+      16, True, "cpu")
+  status, out, err = _plan(capsys, SMOKE, BATCH, "--devices=2",
+                           "--device_memory=0.001")
+  assert status == plan.EXIT_DOES_NOT_FIT
+  assert "32 = 2 devices x 16" in out and "XLA:CPU" in out
+  first = crowded.suggestions[0]
+  assert (f"--config.train.accumulation_steps={first.accumulation_steps} "
+          "--config.model.remat=False" in out)
+  text = plan.plan_text(fits, config, "configs/default.py:smoke")
+  assert "fits               yes" in text
+
+
+def test_bad_input_names_what_is_allowed(capsys):
+  status, _, err = _plan(capsys, SMOKE, "--devices=3")
+  assert status == errors.EXIT_USAGE
+  assert "config.train.global_batch_size=8 is invalid" in err
+  assert "--devices=3 times train.accumulation_steps=1" in err
+  status, _, err = _plan(capsys, SMOKE, "--device-memory=-1")
+  assert status == errors.EXIT_USAGE and "--device-memory=-1.0" in err
+  status, _, err = _plan(capsys, "--devices=1")
+  assert status == errors.EXIT_USAGE and "--config is required" in err
+  status, _, err = _plan(capsys, SMOKE, "--workdir=/tmp/x")
+  assert status == errors.EXIT_USAGE and "--workdir" in err
+  status, _, err = _plan(capsys, SMOKE, "--config.train.batchsize=8")
+  assert status == errors.EXIT_USAGE
+  assert "did you mean" in err and "global_batch_size" in err
