@@ -84,19 +84,19 @@ def mix_batch(images: np.ndarray, labels: np.ndarray, num_classes: int,
   else:
     num_mixup = size // 2
   weights = np.empty(size, np.float32)
-  masks = np.empty((size,) + images.shape[1:3] + (1,), np.float32)
+  mixed = np.empty((size,) + images.shape[1:], np.float32)
   for i in range(size):
-    if i < num_mixup:
+    if i < num_mixup:  # w * first + (1 - w) * second, in float32.
       weights[i] = rng.beta(mixup_alpha, mixup_alpha)
-      masks[i] = weights[i]
-    else:
-      masks[i] = cutmix_mask(images.shape[1], images.shape[2],
-                             rng.beta(cutmix_alpha, cutmix_alpha), rng)
-      weights[i] = masks[i].mean()
-  mixed = masks * first + (1.0 - masks) * second
+      np.multiply(first[i], weights[i], out=mixed[i])
+      mixed[i] += second[i] * (np.float32(1.0) - weights[i])
+    else:  # The box holds the first image: a choice, no arithmetic.
+      mask = cutmix_mask(images.shape[1], images.shape[2],
+                         rng.beta(cutmix_alpha, cutmix_alpha), rng)
+      np.copyto(mixed[i], np.where(mask > 0, first[i], second[i]))
+      weights[i] = mask.mean()
   w = weights[:, None]
   soft = (w * one_hot(labels[:size], num_classes)
           + (1.0 - w) * one_hot(labels[size:], num_classes))
   dominant = np.where(weights >= 0.5, labels[:size], labels[size:])
-  return (mixed.astype(np.float32), soft.astype(np.float32),
-          dominant.astype(np.int32))
+  return mixed, soft.astype(np.float32), dominant.astype(np.int32)

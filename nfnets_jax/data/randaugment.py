@@ -21,11 +21,16 @@ Two modes (`MODES`) differ in four ops:
 Geometric ops sample as TF's `ImageProjectiveTransformV3` does (output pixel
 `(x, y)` reads the input at the transformed `(x, y)` rounded half away from
 zero, float32 coordinates) with grey (128) fill.
+
+Speed: `solarize`, `solarize_add`, `autocontrast` and `equalize` run as
+lookup tables (`_lookup`), the op applied to the 256 values once, so their
+numbers are the op's own (2-3x quicker at 192 px).
 """
 
 from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
 
 MAX_LEVEL = 10.0
 FILL_VALUE = 128
@@ -39,6 +44,17 @@ REFERENCE_SIDE = 224
 _TF_LUMA = np.asarray([0.2989, 0.5870, 0.1140], np.float32)
 # ITU-R 601-2 luma, as PIL's convert('L').
 _PIL_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+_VALUES = np.arange(256, dtype=np.uint8)
+
+
+def _lookup(image: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """`table[image]`: one uint8 `[256]` table, or `[C, 256]` per channel."""
+  if table.ndim == 1:
+    table = np.broadcast_to(table, (image.shape[-1], 256))
+  if image.shape[-1] == 3:  # PIL maps the three bands in one C loop.
+    return np.asarray(Image.fromarray(image).point(table.ravel().tolist()))
+  return np.stack([table[c][image[..., c]] for c in range(image.shape[-1])],
+                  axis=-1)
 
 
 def blend(image1: np.ndarray, image2: np.ndarray,
@@ -72,32 +88,38 @@ def grayscale(image: np.ndarray) -> np.ndarray:
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
   """Stretches each channel linearly so its min maps to 0 and max to 255."""
-  # Channel-major copy: NumPy reduces contiguous rows ~50x faster.
-  channels = image.reshape(-1, image.shape[-1]).T.copy()
-  lo = channels.min(axis=1).astype(np.float32)
-  hi = channels.max(axis=1).astype(np.float32)
+  if image.shape[-1] == 3:
+    extrema = np.asarray(Image.fromarray(image).getextrema(), np.float32)
+  else:  # Channel-major copy: NumPy reduces contiguous rows ~50x faster.
+    channels = image.reshape(-1, image.shape[-1]).T.copy()
+    extrema = np.stack([channels.min(axis=1), channels.max(axis=1)], 1)
+  lo, hi = extrema[:, :1].astype(np.float32), extrema[:, 1:].astype(
+      np.float32)
   scale = np.where(hi > lo, np.float32(255.0) / np.maximum(hi - lo, 1.0),
                    np.float32(1.0))
   offset = np.where(hi > lo, -lo * scale, np.float32(0.0))
-  out = image.astype(np.float32) * scale + offset
-  return np.clip(out, 0.0, 255.0).astype(np.uint8)
+  tables = _VALUES.astype(np.float32) * scale + offset  # [C, 256]
+  return _lookup(image, np.clip(tables, 0.0, 255.0).astype(np.uint8))
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
   """Per-channel histogram equalization (PIL's `ImageOps.equalize` rule)."""
-  out = np.empty_like(image)
-  for c in range(image.shape[-1]):
-    channel = image[..., c]
-    histogram = np.bincount(channel.ravel(), minlength=256)
+  if image.shape[-1] == 3:
+    histograms = np.asarray(Image.fromarray(image).histogram()).reshape(3, 256)
+  else:
+    histograms = np.stack([np.bincount(image[..., c].ravel(), minlength=256)
+                           for c in range(image.shape[-1])])
+  tables = []
+  for histogram in histograms:
     nonzero = histogram[histogram > 0]
     step = (nonzero.sum() - nonzero[-1]) // 255
     if step == 0:
-      out[..., c] = channel
+      tables.append(_VALUES)
       continue
     lut = (np.cumsum(histogram) + step // 2) // step
-    lut = np.clip(np.concatenate([[0], lut[:-1]]), 0, 255).astype(np.uint8)
-    out[..., c] = lut[channel]
-  return out
+    tables.append(np.clip(np.concatenate([[0], lut[:-1]]), 0, 255).astype(
+        np.uint8))
+  return _lookup(image, np.stack(tables))
 
 
 def invert(image: np.ndarray) -> np.ndarray:
@@ -113,14 +135,16 @@ def posterize(image: np.ndarray, bits: int) -> np.ndarray:
 
 def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
   """Inverts the values at or above `threshold` (>= 256: no change)."""
-  return np.where(image < threshold, image, 255 - image).astype(np.uint8)
+  return _lookup(image, np.where(_VALUES < threshold, _VALUES,
+                                 255 - _VALUES).astype(np.uint8))
 
 
 def solarize_add(image: np.ndarray, addition: int,
                  threshold: int = 128) -> np.ndarray:
   """Adds `addition` (clipped to 0-255) to the values below `threshold`."""
-  added = np.clip(image.astype(np.int32) + addition, 0, 255).astype(np.uint8)
-  return np.where(image < threshold, added, image)
+  added = np.clip(_VALUES.astype(np.int32) + addition, 0, 255).astype(
+      np.uint8)
+  return _lookup(image, np.where(_VALUES < threshold, added, _VALUES))
 
 
 def color(image: np.ndarray, factor: float) -> np.ndarray:
