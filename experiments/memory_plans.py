@@ -2,9 +2,9 @@
 
 For each variant (its recipe: train resolution, bfloat16, SGD + AGC, EMA,
 SAM for F6) the train step is compiled for one device's share of the
-global batch over 256 and 64 devices (16 and 64 images per device), with
-and without remat (`experiment.memory_plan.step_memory`, as `nfnets-plan`
-does), and XLA's peak bytes per device are read. The 8-device row (512
+global batch over 256 and 64 devices (16 and 64 images per device)
+(`experiment.memory_plan.step_memory`, as `nfnets-plan` does; with
+`--remat`, also with remat), and XLA's peak bytes per device are read. The 8-device row (512
 images per device) is the line through those two points: buffers grow
 linearly with the batch under one schedule. F0's 8-device step is compiled
 too, to check that line. Every compile is appended to a cache file, so an
@@ -15,6 +15,7 @@ a guide for GPUs and TPUs, not their measurement.
 
 Usage:
   python -m experiments.memory_plans --out docs   # docs/memory_plans.md
+  python -m experiments.memory_plans --variants F0,F1 --remat
   python -m experiments.memory_plans --quick      # the smoke model
 """
 from __future__ import annotations
@@ -96,8 +97,9 @@ def _fits(peak: int) -> str | None:
   return f"{sizes[0]} GiB" if sizes else None
 
 
-def rows_for(variant: str, quick: bool, cache: dict[str, dict[str, Any]],
-             path: pathlib.Path) -> list[dict[str, Any]]:
+def rows_for(variant: str, quick: bool, with_remat: bool,
+             cache: dict[str, dict[str, Any]], path: pathlib.Path
+             ) -> list[dict[str, Any]]:
   """The variant's rows: compiled batches, then the extrapolated one."""
   if quick:
     small_batch, large_batch, far_batch = QUICK_BATCHES
@@ -113,7 +115,7 @@ def rows_for(variant: str, quick: bool, cache: dict[str, dict[str, Any]],
     row = {"variant": "smoke" if quick else variant,
            "train_px": config.train.image_size, "devices": devices[batch],
            "per_device": batch}
-    for remat in (False, True):
+    for remat in (False, True) if with_remat else (False,):
       small = _compiled(variant, small_batch, remat, quick, cache, path)
       large = _compiled(variant, large_batch, remat, quick, cache, path)
       name = "remat" if remat else "plain"
@@ -126,8 +128,8 @@ def rows_for(variant: str, quick: bool, cache: dict[str, dict[str, Any]],
         row["how"] = "compiled"
         if not remat:
           row["tflops"] = record["flops"] / 1e12
-    row["fits"] = _fits(int(row["plain_gib"] * memory_plan.GIB))
-    row["fits_remat"] = _fits(int(row["remat_gib"] * memory_plan.GIB))
+    for name in ("plain", "remat")[:2 if with_remat else 1]:
+      row[f"fits_{name}"] = _fits(int(row[f"{name}_gib"] * memory_plan.GIB))
     rows.append(row)
   if quick or variant == CHECKED_VARIANT:
     exact = _compiled(variant, far_batch, False, quick, cache, path)
@@ -139,28 +141,31 @@ def _gib(v: float) -> str:
   return f"{v:.2f}"
 
 
-COLUMNS = [
-    common.Column("variant", "Variant"),
-    common.Column("train_px", "Train px"),
-    common.Column("devices", "Devices"),
-    common.Column("per_device", "Images / device"),
-    common.Column("plain_gib", "Peak GiB", _gib),
-    common.Column("remat_gib", "Peak GiB, remat", _gib),
-    common.Column("fits", "Fits"),
-    common.Column("fits_remat", "Fits, remat"),
-    common.Column("tflops", "Step TFLOPs / device", _gib),
-    common.Column("how", "Peak from"),
-    common.Column("compiled_gib", "Compiled GiB", _gib),
-]
+def columns(with_remat: bool) -> list[common.Column]:
+  """The table's columns (remat's only when measured)."""
+  remat = [common.Column("remat_gib", "Peak GiB, remat", _gib),
+           common.Column("fits_remat", "Fits, remat")] if with_remat else []
+  return [
+      common.Column("variant", "Variant"),
+      common.Column("train_px", "Train px"),
+      common.Column("devices", "Devices"),
+      common.Column("per_device", "Images / device"),
+      common.Column("plain_gib", "Peak GiB", _gib),
+      common.Column("fits_plain", "Fits"),
+      *remat,
+      common.Column("tflops", "Step TFLOPs / device", _gib),
+      common.Column("how", "Peak from"),
+      common.Column("compiled_gib", "Compiled GiB", _gib),
+  ]
 
 NOTES = f"""\
 **How.** Each variant's recipe (`configs/nfnet.py:F*`: train resolution,
 bfloat16 compute, SGD + Nesterov with AGC, EMA; F6 with SAM) at a global
 batch of {GLOBAL_BATCH}, one device's train step compiled by
 `experiment.memory_plan.step_memory` (what `nfnets-plan` runs) for its
-share of the batch, with no gradient accumulation. *Peak GiB*: XLA's buffer
-assignment of the compiled step, arguments + outputs not written in place +
-temporaries. *Remat*: `config.model.remat=True`. *Fits*: the smallest of
+share of the batch, with no gradient accumulation and no remat. *Peak
+GiB*: XLA's buffer assignment of the compiled step, arguments + outputs not
+written in place + temporaries. *Fits*: the smallest of
 {", ".join(f"{s}" for s in DEVICE_SIZES_GIB)} GiB that holds it
 (`{common.MISSING}`: none; use gradient accumulation: `nfnets-plan
 --device-memory GIB` finds the steps). *Step TFLOPs*: XLA's count for the
@@ -180,6 +185,8 @@ accelerator, not its measurement. No accelerator was available to compare.
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Writes `memory_plans.md` under `--out` (compiles cached beside it)."""
   parser = common.make_parser(MODULE, __doc__)
+  parser.add_argument("--remat", action="store_true",
+                      help="also compile each step with remat")
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help="comma-separated NFNet variants (default: "
                       f"{','.join(VARIANTS)})")
@@ -193,11 +200,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   cache = _load_cache(cache_path)
   rows = []
   for variant in common.progress(variants, "variants"):
-    rows += rows_for(variant, args.quick, cache, cache_path)
+    rows += rows_for(variant, args.quick, args.remat, cache, cache_path)
   common.write_markdown(
       args.out / FILE, "Memory per device of the NFNet recipes",
       common.command(MODULE, argv),
-      [common.markdown_table(rows, COLUMNS), NOTES,
+      [common.markdown_table(rows, columns(args.remat)), NOTES,
        f"backend {jax.default_backend()}, jax {jax.__version__}"])
   print(f"wrote {args.out / FILE}")
   return rows

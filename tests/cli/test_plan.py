@@ -136,6 +136,8 @@ def test_bad_input_names_what_is_allowed(capsys):
   assert status == errors.EXIT_USAGE and "--config is required" in err
   status, _, err = _plan(capsys, SMOKE, "--workdir=/tmp/x")
   assert status == errors.EXIT_USAGE and "--workdir" in err
+  status, _, err = _plan(capsys, SMOKE, "--config.model.kwargs.activation=foo")
+  assert status == errors.EXIT_USAGE and "config.model.kwargs=" in err
   status, _, err = _plan(capsys, SMOKE, "--config.train.batchsize=8")
   assert status == errors.EXIT_USAGE
   assert "did you mean" in err and "global_batch_size" in err
