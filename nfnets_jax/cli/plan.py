@@ -1,8 +1,8 @@
 r"""`nfnets-plan`: a config's memory and compute per device, before a run.
 
     nfnets-plan --config configs/nfnet.py:F0 --devices 8 --device-memory 80
-    nfnets-plan --config configs/nfnet.py:F3 --devices 8 --device-memory 16 \
-        --config.train.accumulation_steps=4 --config.model.remat=True
+    nfnets-plan --config configs/nfnet.py:F3 --devices 64 --device-memory 40 \
+        --config.model.remat=True
 
 Compiles the config's train step for one device's share of the global batch
 (`experiment.memory_plan`: no data, no weights, nothing run) and prints the
@@ -31,11 +31,11 @@ DESCRIPTION = f"""\
 Compile an experiment config's train step for one device, without data or
 training, and print what it needs: parameters, FLOPs per image, the
 per-device batch and micro-batch, XLA's estimate of peak memory per device,
-and whether it fits --device-memory; when it does not, the
-accumulation steps and/or remat that would fit (estimated from two more
-compiles). The estimate is the compiling backend's (XLA:CPU here unless an
-accelerator is attached); GPU and TPU compilers fuse and schedule
-differently (docs/performance.md#memory-plans).
+and whether it fits --device-memory; when it does not, the fewest
+accumulation steps that fit, without and with remat (estimated from two
+more compiles, then compiled). The figures are the compiling backend's
+(XLA:CPU unless an accelerator is attached); GPU and TPU compilers fuse and
+schedule differently (docs/training.md#plan-a-runs-memory-nfnets-plan).
 
 Exit status: 0 fits (or no memory to check against); 1 does not fit;
 2 bad input.
@@ -46,8 +46,8 @@ from its metadata, no data is read).
 
 examples:
   {PROG} --config configs/nfnet.py:F0 --devices 8 --device-memory 80
-  {PROG} --config configs/nfnet.py:F3 --devices 8 --device-memory 16 \\
-      --config.train.accumulation_steps=4
+  {PROG} --config configs/nfnet.py:F3 --devices 64 --device-memory 40 \\
+      --config.model.remat=True
 """
 
 

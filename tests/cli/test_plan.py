@@ -1,5 +1,6 @@
 """`nfnets-plan`: one device's train step compiled from a config, its memory
 and compute read from XLA, and the accumulation steps / remat that fit."""
+import dataclasses
 import json
 
 import jax
@@ -68,35 +69,70 @@ def test_plan_reads_the_compiled_step(fitting):
   assert step.flops > 2 * 16 * result.macs_per_image  # Forward + backward.
 
 
-@pytest.fixture(scope="module")
-def crowded(fitting):
-  """The same on a device of 0.6 times its peak memory."""
+def _linear_step(config, *, per_device_batch, accumulation_steps, remat,
+                 num_classes):
+  """A stand-in for the compiler: 1000 + 100 (50 with remat) bytes per
+  image of a micro-batch, 7 more with accumulation (its gradient sum)."""
+  del config, num_classes
+  micro = per_device_batch // accumulation_steps
+  temp = (50 if remat else 100) * micro + (7 if accumulation_steps > 1 else 0)
+  return memory_plan.StepMemory(
+      micro_batch=micro, accumulation_steps=accumulation_steps, remat=remat,
+      argument_bytes=1000, output_bytes=0, alias_bytes=0, temp_bytes=temp,
+      flops=1.0, compile_s=0.0, backend="cpu")
+
+
+def test_suggestions_are_the_fewest_accumulation_steps_that_fit(monkeypatch):
+  config = testing.load_config(testing.DEFAULT_CONFIG, "smoke")
+  with config.unlocked():
+    config.train.global_batch_size = 64  # 32 per device over 2.
+  asked = []
+
+  def step_memory(config, **kwargs):
+    asked.append((kwargs["per_device_batch"], kwargs["accumulation_steps"],
+                  kwargs["remat"]))
+    return _linear_step(config, **kwargs)
+  monkeypatch.setattr(memory_plan, "step_memory", step_memory)
+  monkeypatch.setattr(memory_plan, "_accumulator_bytes", lambda params: 7)
+  # 1000 + 100 x 32 = 4200 bytes; 2000 fit 8 images (1807), or 16 with remat.
+  result = memory_plan.plan(config, num_devices=2, num_classes=10,
+                            device_memory_gib=2000 / memory_plan.GIB)
+  assert result.step.peak_bytes == 4200 and result.fits is False
+  assert [(s.accumulation_steps, s.micro_batch, s.remat, s.peak_bytes)
+          for s in result.suggestions] == [(4, 8, False, 1807),
+                                           (2, 16, True, 1807)]
+  # As configured, probes at an eighth of the micro-batch (4 images) with
+  # and without remat, then each suggestion once.
+  assert asked == [(32, 1, False), (4, 1, False), (4, 1, True),
+                   (32, 4, False), (32, 2, True)]
+  assert memory_plan.plan(config, num_devices=2, num_classes=10,
+                          device_memory_gib=1.0).suggestions == ()
+
+
+@pytest.mark.long  # Compiles 5-8 steps: ~45 s (-m long).
+def test_a_step_that_does_not_fit_gets_compiled_suggestions(fitting):
   config, fits = fitting
   limit_gib = 0.6 * fits.step.peak_bytes / memory_plan.GIB
-  return memory_plan.plan(config, num_devices=2, num_classes=10,
-                          device_memory_gib=limit_gib)
-
-
-def test_a_step_that_does_not_fit_gets_compiled_suggestions(fitting, crowded):
-  _, fits = fitting
+  crowded = memory_plan.plan(config, num_devices=2, num_classes=10,
+                             device_memory_gib=limit_gib)
   assert crowded.fits is False
   assert crowded.step.peak_bytes == fits.step.peak_bytes
-  # Probes at an eighth of the micro-batch, as configured and with remat.
   assert [(p.micro_batch, p.remat) for p in crowded.probes] == [
       (2, False), (2, True)]
-  assert crowded.suggestions
+  assert [s.remat for s in crowded.suggestions] == [False, True]
   for s in crowded.suggestions:
     assert s.peak_bytes <= crowded.device_memory_bytes
     assert s.accumulation_steps * s.micro_batch == 16
-  assert [s.remat for s in crowded.suggestions] == [False, True]
-  assert crowded.suggestions[0].accumulation_steps > 1
-  # Remat at the same micro-batch needs less memory than without.
   plain, remat = crowded.probes
   assert remat.temp_bytes < plain.temp_bytes
 
 
-def test_command_line(capsys, monkeypatch, fitting, crowded):
+def test_command_line(capsys, monkeypatch, fitting):
   config, fits = fitting
+  crowded = dataclasses.replace(
+      fits, device_memory_bytes=fits.step.peak_bytes // 2,
+      suggestions=(dataclasses.replace(fits.step, accumulation_steps=4,
+                                       micro_batch=4),))
   asked = []
 
   def fake_plan(config, **kwargs):

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.slow  # End-to-end runs.
 SAM = ("--config.optimizer.sam.rho=0.05",)
 
 
+# Suite time: opt-in (-m long); resuming bit-exact is run in
+# tests/experiment/test_train.py, SAM's state and updates in tests/optim.
+@pytest.mark.long
 def test_a_sam_run_killed_after_step_4_resumes_bit_exact(cache_dir, tmp_path):
   """A SIGKILL leaves the finished checkpoints and nothing after them (the
   mechanics: tests/experiment/test_train.py); here the finished SAM run's

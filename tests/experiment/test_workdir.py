@@ -117,7 +117,9 @@ def test_a_finished_workdir_reports_its_result_or_reevaluates(
     np.testing.assert_allclose(after[-1][key], final[key], atol=2 / 360)
 
 
-@pytest.mark.slow
+# Suite time: the end-to-end refusal is opt-in (-m long); which fields
+# count is test_identity_ignores_free_fields_and_names_missing_ones below.
+@pytest.mark.long
 def test_a_resume_that_changes_the_model_is_refused_unless_allowed(tmp_path):
   """A resume with another activation (same shapes) and run length: exit 2
   naming both values of each; with the override it trains, the original
