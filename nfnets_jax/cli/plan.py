@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _device_memory_size() -> float | None:
+def _device_memory_gib() -> float | None:
   """The first local accelerator's memory in GiB (None on CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.local_devices()[0]
@@ -178,14 +178,12 @@ def run(argv: Sequence[str]) -> int:
   if others:
     raise errors.UsageError(f"unrecognized arguments {others}; {PROG} takes "
                             f"{TAKES} (see --help)")
-  remaining = train_flags.parse_flags(
+  # Positional arguments are among `others`: absl sees only --config ones.
+  train_flags.parse_flags(
       [argv[0], *([f"--config={args.config}"] if args.config else []),
        *config_args],
       required=(("config", "a config file such as configs/nfnet.py:F0"),),
       prog=PROG, takes=TAKES)
-  if len(remaining) > 1:
-    raise errors.UsageError(f"unexpected arguments {remaining[1:]}: {PROG} "
-                            "takes only flags (see --help)")
   # pylint: disable=g-import-not-at-top
   import jax
   from nfnets_jax import data as data_lib
@@ -194,7 +192,7 @@ def run(argv: Sequence[str]) -> int:
   config = train_flags.CONFIG.value
   spec = train_flags.resolve_config(args.config)
   devices = jax.device_count() if args.devices is None else args.devices
-  memory = (_device_memory_size() if args.device_memory is None
+  memory = (_device_memory_gib() if args.device_memory is None
             else args.device_memory)
   if memory is not None and memory <= 0:
     raise errors.UsageError(f"--device-memory={memory!r} is invalid; "

@@ -372,7 +372,7 @@ def flag_error_line(err: flags.Error,
   return f"{text} (see --help)"
 
 
-def forget_parsed_flags() -> None:
+def _forget_parsed_flags() -> None:
   """Resets the flags a previous command in this process parsed.
 
   The config flag defines one `config.<field>` flag per override it parses:
@@ -401,7 +401,7 @@ def parse_flags(argv: Sequence[str], *,
   Raises:
     errors.UsageError: any bad flag (see the module docstring).
   """
-  forget_parsed_flags()
+  _forget_parsed_flags()
   args = list(argv[1:])
   for name, what in required:
     if not flag_value(args, name):

@@ -48,7 +48,6 @@ def _keys_cubic(x: np.ndarray) -> np.ndarray:
   return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
-@functools.lru_cache(maxsize=256)
 def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Input indices and weights of the 4 bicubic taps of each output sample.
 
