@@ -60,5 +60,8 @@ def enable() -> str | None:
     if path is None:
       return None
     jax.config.update("jax_compilation_cache_dir", path)
+  # Keep every program, not only those that took over a second to compile:
+  # start-up is many small ones (weight standardization, initializers).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   warnings.filterwarnings("ignore", message=_WRITE_FAILED)
   return path

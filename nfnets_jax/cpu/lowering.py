@@ -124,3 +124,16 @@ def conv2d(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
   out = convolution.lowered_conv(x, w, stride, padding, groups,
                                  resolved_conv_impl())
   return out if bias is None else convolution.add_bias(out, bias)
+
+
+def resolved_inference_conv_impl() -> str:
+  """The lowering for forward-only programs (`Model.__call__`): the current
+  setting, with 'auto' as 'native'.
+
+  On CPU XLA's own convolutions ran F0's eval forward as fast as oneDNN's
+  (256 px, batches 1, 4 and 16; `benchmarks/startup.py`), and JAX's
+  persistent compilation cache keeps their programs, which it cannot do
+  for oneDNN's: a later process reads the compiled forward back.
+  """
+  impl = current_conv_impl()
+  return "native" if impl == "auto" else resolved_conv_impl(impl)

@@ -7,25 +7,42 @@ folder, fed by grain.
                    image_size=32, is_training=True, seed=0)
     batch = next(it)   # images, labels, soft_labels, mask
     state = it.get_state()   # into the checkpoint; it.set_state(state) resumes
+
+The names below are imported on first use (PEP 562): importing
+`nfnets_jax.data.images` or `.preprocessing` alone (as `create_model` and
+`nfnets-predict` do) does not import TFDS and grain.
 """
+import importlib
+from typing import Any
 
-from nfnets_jax.data.image_folder import IMAGE_FOLDER
-from nfnets_jax.data.images import ImageDecodeError
-from nfnets_jax.data.images import ImageTooLargeError
-from nfnets_jax.data.pipeline import Augment
-from nfnets_jax.data.pipeline import load
-from nfnets_jax.data.pipeline import parse_augment
-from nfnets_jax.data.preprocessing import MEAN_RGB
-from nfnets_jax.data.preprocessing import STDDEV_RGB
-from nfnets_jax.data.sources import DatasetInfo
-from nfnets_jax.data.sources import DIGITS
-from nfnets_jax.data.sources import dataset_info
-from nfnets_jax.data.sources import num_classes
-from nfnets_jax.data.sources import Split
-from nfnets_jax.data.sources import SplitRange
+_EXPORTS = {
+    'IMAGE_FOLDER': 'image_folder',
+    'ImageDecodeError': 'images',
+    'ImageTooLargeError': 'images',
+    'Augment': 'pipeline',
+    'load': 'pipeline',
+    'parse_augment': 'pipeline',
+    'MEAN_RGB': 'preprocessing',
+    'STDDEV_RGB': 'preprocessing',
+    'DatasetInfo': 'sources',
+    'DIGITS': 'sources',
+    'dataset_info': 'sources',
+    'num_classes': 'sources',
+    'Split': 'sources',
+    'SplitRange': 'sources',
+}
 
-__all__ = (
-    'Augment', 'DIGITS', 'DatasetInfo', 'IMAGE_FOLDER', 'ImageDecodeError',
-    'ImageTooLargeError', 'MEAN_RGB', 'STDDEV_RGB', 'Split', 'SplitRange', 'dataset_info', 'load',
-    'num_classes', 'parse_augment',
-)
+__all__ = tuple(sorted(_EXPORTS))
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"),
+                  name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(list(globals()) + list(_EXPORTS))

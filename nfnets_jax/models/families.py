@@ -115,9 +115,10 @@ def feature_info(family: str, kwargs: Mapping[str, Any]
   return found[0]
 
 
-def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
-                 *, remat: bool = False) -> hk.TransformedWithState:
-  """`hk.transform_with_state` of `forward(images, is_training)` -> outputs.
+def network_fn(family: str, kwargs: Mapping[str, Any], num_classes: int,
+               *, remat: bool = False) -> Callable[..., dict[str, Any]]:
+  """`forward(images, is_training)` -> outputs, to run inside a Haiku
+  transform (`make_network` transforms it).
 
   `forward(images, is_training, return_features=True)` adds the feature
   maps (`feature_info`) as `outputs['features']`; the parameters are the
@@ -150,4 +151,12 @@ def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
       return model(images, is_training=is_training, return_features=True)
     return model(images, is_training=is_training)
 
-  return hk.transform_with_state(forward)
+  return forward
+
+
+def make_network(family: str, kwargs: Mapping[str, Any], num_classes: int,
+                 *, remat: bool = False) -> hk.TransformedWithState:
+  """`hk.transform_with_state` of `network_fn`'s `forward(images,
+  is_training)` -> outputs (arguments and errors as `network_fn`'s)."""
+  return hk.transform_with_state(
+      network_fn(family, kwargs, num_classes, remat=remat))

@@ -191,6 +191,23 @@ def standardized_kernels(kernels: Mapping[str, jax.Array]) -> Iterator[None]:
     _KERNELS.reset(token)
 
 
+@contextlib.contextmanager
+def recording_ws_convs() -> Iterator[dict[str, tuple[float, EpsMode]]]:
+  """Records the `WSConv2D`s called inside (a Haiku init or apply, traced
+  or run) into the yielded dict: module name -> `(eps, eps_mode)`."""
+  found = {}
+
+  def record(next_f, args, kwargs, context):
+    if (isinstance(context.module, WSConv2D)
+        and context.method_name == "__call__"):
+      found[context.module.module_name] = (context.module.eps,
+                                           context.module.eps_mode)
+    return next_f(*args, **kwargs)
+
+  with hk.intercept_methods(record):
+    yield found
+
+
 def ws_conv_settings(apply: Callable[..., object], *args: object
                      ) -> dict[str, tuple[float, EpsMode]]:
   """The `WSConv2D`s a forward calls: module name -> `(eps, eps_mode)`.
@@ -202,16 +219,10 @@ def ws_conv_settings(apply: Callable[..., object], *args: object
   """
   found = {}
 
-  def record(next_f, args, kwargs, context):
-    if (isinstance(context.module, WSConv2D)
-        and context.method_name == "__call__"):
-      found[context.module.module_name] = (context.module.eps,
-                                           context.module.eps_mode)
-    return next_f(*args, **kwargs)
-
   def traced(*args):
-    with hk.intercept_methods(record):
+    with recording_ws_convs() as recorded:
       apply(*args)
+    found.update(recorded)
 
   jax.eval_shape(traced, *args)
   return found

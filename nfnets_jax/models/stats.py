@@ -1,8 +1,9 @@
 """Parameter shapes and counts, and FLOPs, of any Haiku model, traced.
 
 The one place that traces a model for its parameter shapes: `init_shapes`
-(any network), `param_shapes` (a named family, cached) and
-`classifier_names` (the leaves whose shapes follow the class count). Models
+(any network), `traced` (a named family, once: shapes and WS convolutions),
+`param_shapes` and `classifier_names` (the leaves whose shapes follow the
+class count). Models
 are traced under the 'native' convolution lowering (one op per convolution,
 the quickest to trace; shapes and counts do not depend on the lowering).
 
@@ -17,6 +18,7 @@ initialization, which runs the forward).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import dataclasses
 from typing import Any
 
 import haiku as hk
@@ -26,6 +28,8 @@ import numpy as np
 
 from nfnets_jax.cpu import lowering
 from nfnets_jax.models import families
+from nfnets_jax.models import host_init
+from nfnets_jax.models import layers
 
 ModelFn = Callable[[jax.Array], Any]
 Shapes = dict[str, dict[str, tuple[int, ...]]]
@@ -78,36 +82,83 @@ def _frozen(kwargs: Mapping[str, Any]) -> Any:
   return kwargs
 
 
-_SHAPES_CACHE: dict[Any, tuple[Shapes, Shapes]] = {}
+# The class count a named model is traced with: no family has a layer this
+# wide, so the parameter axes of this length are the classifier's, and one
+# trace gives the shapes for every class count.
+TRACE_CLASSES = 9973
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """What one abstract initialization of a named model shows (`traced`).
+
+  Attributes:
+    params, state: `{module: {name: shape}}` at `TRACE_CLASSES` classes.
+    ws_convs: the weight-standardized convolutions it calls: module name ->
+      `(eps, eps_mode)` (`layers.recording_ws_convs`).
+    initializers: each leaf's initializer and dtype
+      (`host_init.recording_initializers`; `host_init.draw` samples them).
+  """
+  params: Shapes
+  state: Shapes
+  ws_convs: Mapping[str, tuple[float, str]]
+  initializers: Mapping[host_init.Key, tuple[Any, Any]]
+
+
+_TRACED: dict[Any, Traced] = {}
+
+
+def traced(family: str, kwargs: Mapping[str, Any]) -> Traced:
+  """One abstract trace of a named model's initialization (cached).
+
+  Args:
+    family: a key of `families.MODELS`.
+    kwargs: its constructor arguments.
+  """
+  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+  key = (family, _frozen(kwargs))
+  if key not in _TRACED:
+    forward = families.network_fn(family, kwargs, TRACE_CLASSES)
+    initializers = {}
+
+    def recorded(images: jax.Array, is_training: bool) -> Any:
+      with host_init.recording_initializers(initializers):
+        return forward(images, is_training)
+
+    with layers.recording_ws_convs() as ws_convs:
+      params, state = init_shapes(hk.transform_with_state(recorded))
+    _TRACED[key] = Traced(as_shapes(params), as_shapes(state),
+                          dict(ws_convs), initializers)
+  return _TRACED[key]
+
+
+def _with_classes(shapes: Shapes, num_classes: int) -> Shapes:
+  return {m: {n: tuple(num_classes if d == TRACE_CLASSES else d for d in s)
+              for n, s in leaves.items()} for m, leaves in shapes.items()}
 
 
 def param_shapes(family: str, kwargs: Mapping[str, Any], num_classes: int
                  ) -> tuple[Shapes, Shapes]:
-  """`({module: {param: shape}}, state shapes)` of a named model (cached).
+  """`({module: {param: shape}}, state shapes)` of a named model.
+
+  From the cached `traced` shapes, the classifier's axes set to
+  `num_classes`.
 
   Args:
     family: a key of `families.MODELS`.
     kwargs: its constructor arguments.
     num_classes: classifier outputs.
   """
-  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
-  key = (family, _frozen(kwargs), num_classes)
-  if key not in _SHAPES_CACHE:
-    net = families.make_network(family, kwargs, num_classes)
-    params, state = init_shapes(net)
-    _SHAPES_CACHE[key] = as_shapes(params), as_shapes(state)
-  params, state = _SHAPES_CACHE[key]
-  return ({m: dict(v) for m, v in params.items()},
-          {m: dict(v) for m, v in state.items()})
+  model = traced(family, kwargs)
+  return (_with_classes(model.params, num_classes),
+          _with_classes(model.state, num_classes))
 
 
 def classifier_names(family: str, kwargs: Mapping[str, Any]
                      ) -> list[tuple[str, str]]:
   """The `(module, param)` names whose shapes depend on `num_classes`."""
-  one, _ = param_shapes(family, kwargs, 1)
-  two, _ = param_shapes(family, kwargs, 2)
-  return sorted((m, n) for m, leaves in one.items() for n, s in leaves.items()
-                if two.get(m, {}).get(n) != s)
+  return sorted((m, n) for m, leaves in traced(family, kwargs).params.items()
+                for n, s in leaves.items() if TRACE_CLASSES in s)
 
 
 def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:

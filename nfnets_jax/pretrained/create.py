@@ -42,9 +42,9 @@ import numpy as np
 
 from nfnets_jax.cpu import compiler
 from nfnets_jax.cpu import lowering
-from nfnets_jax.experiment import checkpoint_io
 from nfnets_jax.experiment import run_identity
 from nfnets_jax.models import families
+from nfnets_jax.models import host_init
 from nfnets_jax.models import layers
 from nfnets_jax.models import stats
 from nfnets_jax.pretrained import checks
@@ -109,8 +109,9 @@ class Model:
       gives instead, a list (`feature_info` describes them).
 
   The forward is compiled on the first call for each input shape and
-  convolution lowering (`nfnets_jax.cpu.conv_impl`), with the package's CPU
-  compiler options.
+  convolution lowering (`nfnets_jax.cpu.conv_impl`; 'auto' is 'native' here,
+  `lowering.resolved_inference_conv_impl`), with the package's CPU compiler
+  options.
   """
   name: str
   net: hk.TransformedWithState
@@ -135,7 +136,8 @@ class Model:
     """Every WS convolution's standardized kernel for `params` (pure):
     module name -> HWIO kernel; empty for networks without WS convolutions.
 
-    The modules are found once per model by tracing its forward abstractly
+    The modules come from `create_model`'s trace of the model
+    (`stats.traced`), or are found once by tracing its forward abstractly
     (`layers.ws_conv_settings`); the kernels are `layers.standardize_kernels`.
     """
     if self._ws_settings is None:
@@ -221,11 +223,12 @@ class Model:
     Weights are standardized once per params (`kernels`), not per call.
     Compiled on the first call (and again for each new input shape).
     """
-    impl = lowering.resolved_conv_impl()
+    impl = lowering.resolved_inference_conv_impl()
     if impl not in self._jitted:
       self._jitted[impl] = compiler.jit(self.forward)
-    return self._jitted[impl](self.params, self.state, jnp.asarray(images),
-                              self.kernels())
+    with lowering.conv_impl(impl):  # Read when a new shape is traced.
+      return self._jitted[impl](self.params, self.state, jnp.asarray(images),
+                                self.kernels())
 
   def preprocess(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
     """One `[H, W, 3]` 0-255 RGB image, or an image file's path, -> the
@@ -377,6 +380,7 @@ def load_workdir(workdir: str, *, step: int | None = None,
   """
   spec = workdir_spec(workdir)
   step = workdir_step(workdir, step)
+  from nfnets_jax.experiment import checkpoint_io  # orbax: only for workdirs.
   saved = checkpoint_io.read_state(os.path.join(workdir, "checkpoints"), step)
   ema = bool(use_ema and saved.get("ema_params"))
   prefix = "ema_" if ema else ""
@@ -394,6 +398,7 @@ def workdir_step(workdir: PathLike, step: int | None = None) -> int:
     ValueError: `step` is not one of its checkpoints.
   """
   workdir = os.fspath(workdir)
+  from nfnets_jax.experiment import checkpoint_io  # orbax: only for workdirs.
   steps = checkpoint_io.checkpoint_steps(os.path.join(workdir, "checkpoints"))
   if not steps:
     raise FileNotFoundError(f"{workdir!r} has no checkpoints/<step> "
@@ -500,7 +505,10 @@ def create_model(name: str | None = None, *,
     num_classes: classifier outputs. Default: the checkpoint's, else the
       name's (1000). A different count than the checkpoint's replaces its
       classifier (N(0, 0.01) weights, zero bias) for fine-tuning.
-    seed: PRNG seed of a random initialization or a new classifier.
+    seed: PRNG seed of a random initialization or a new classifier. Random
+      weights are drawn on the host by NumPy from each parameter's own
+      initializer (`models.host_init`: same distributions as `net.init`,
+      other values, nothing compiled).
     features_only: the model returns its backbone's feature maps, a list
       of NHWC arrays (`Model.feature_info`: channels, reduction, timm's
       module name), instead of logits; the weights are the same.
@@ -561,10 +569,15 @@ def create_model(name: str | None = None, *,
           f"create_model({spec.name!r}) without pretrained=: the weights are "
           f"random (seed={seed}); pass pretrained=PATH for trained weights, "
           "or pretrained=False to ask for random ones", stacklevel=2)
-    size = stats.TRACE_SIZE
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params, state = compiler.run_once(lambda x: net.init(
-        jax.random.PRNGKey(seed), x, is_training=True), images)
+    drawn = host_init.draw(stats.traced(spec.family, kwargs).initializers,
+                           *stats.param_shapes(spec.family, kwargs, classes),
+                           seed=seed)
+    if drawn is None:  # An initializer NumPy does not draw: JAX's init.
+      size = stats.TRACE_SIZE
+      images = jnp.zeros((1, size, size, 3), jnp.float32)
+      drawn = compiler.run_once(lambda x: net.init(
+          jax.random.PRNGKey(seed), x, is_training=True), images)
+    params, state = drawn
     label_names = imagenet_label_names() if classes == 1000 else None
   else:
     want, want_state = stats.param_shapes(spec.family, kwargs, base_classes)
@@ -585,9 +598,12 @@ def create_model(name: str | None = None, *,
       label_names = imagenet_label_names()
   if label_names is not None and len(label_names) != classes:
     label_names = None
-  to_device = lambda tree: jax.tree.map(jnp.asarray, tree)
-  return Model(name=spec.name, net=net, params=to_device(params),
-               state=to_device(state), num_classes=classes,
+  # `jax.device_put`, not `jnp.asarray`: that compiled a copy for each new
+  # shape (36 programs, 0.8 s for F0's weights).
+  model = Model(name=spec.name, net=net, params=jax.device_put(params),
+               state=jax.device_put(state), num_classes=classes,
                data_config=spec.data, family=spec.family,
                model_kwargs=kwargs, label_names=label_names,
                feature_indices=indices)
+  model._ws_settings = dict(stats.traced(spec.family, kwargs).ws_convs)
+  return model
