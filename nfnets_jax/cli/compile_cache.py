@@ -1,13 +1,15 @@
 """JAX's persistent compilation cache for the package's command-line programs.
 
-`nfnets-train` and `nfnets-predict` call `enable()` first thing: compiled programs are written to a folder and read back by later
-processes that compile the same program (same model, shapes, flags, jaxlib),
-so a second `nfnets-predict` or a resumed run skips most compilation. The
-library never does this on import (it changes a `jax.config` value); in your
-own process, turn the cache on yourself:
+The command-line programs call `enable()` first thing: compiled programs
+(all of them, however quick to compile) are written to a folder and read
+back by later processes that compile the same program (same model, shapes,
+flags, jaxlib), so a second `nfnets-predict` or a resumed run skips most
+compilation. The library never does this on import (it changes `jax.config`
+values); in your own process, turn the cache on yourself:
 
     import jax
     jax.config.update("jax_compilation_cache_dir", "/path/to/cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 The folder: `$NFNETS_JAX_COMPILE_CACHE` when it is a path, else
 `$XDG_CACHE_HOME/nfnets_jax/jax` (default `~/.cache/nfnets_jax/jax`);
@@ -15,9 +17,10 @@ The folder: `$NFNETS_JAX_COMPILE_CACHE` when it is a path, else
 gave JAX (`JAX_COMPILATION_CACHE_DIR`) is used as it is.
 
 On CPU, programs holding the oneDNN convolution custom call
-(`NFNETS_JAX_CONV=onednn`, the default where it is available) cannot be
-serialized by jaxlib 0.10.2: they are compiled in every process, and JAX's
-warning about each failed write is not shown (docs/performance.md).
+(`NFNETS_JAX_CONV=onednn`, the training default where it is available)
+cannot be serialized by jaxlib 0.10.2: they are compiled in every process,
+and JAX's warning about each failed write is not shown (docs/performance.md).
+`Model`'s forward uses XLA's convolutions, which the cache keeps.
 """
 from __future__ import annotations
 

@@ -32,7 +32,6 @@ def test_cache_dir_from_the_environment(tmp_path):
 def _probe(env):
   base = {k: v for k, v in testing.subprocess_env().items()
           if k not in (compile_cache.ENV, "JAX_COMPILATION_CACHE_DIR")}
-  base["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   proc = subprocess.run([sys.executable, "-c", _PROBE], env={**base, **env},
                         capture_output=True, text=True, timeout=120,
                         check=True)
@@ -49,4 +48,6 @@ def test_enable_in_a_fresh_process(setting, tmp_path):
   expected = {"default": os.path.join(home, "nfnets_jax", "jax"),
               "jax": own}[setting]
   assert enabled == configured == expected
-  assert os.listdir(expected)  # The jitted function was written there.
+  # The jitted function was written there, though it compiled in well under
+  # JAX's default threshold of 1 s.
+  assert os.listdir(expected)
