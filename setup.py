@@ -29,6 +29,7 @@ setuptools.setup(
         "flatbuffers==25.12.19",  # jax.export serialization
         "safetensors==0.8.0",  # timm .safetensors checkpoints
         "pillow>=10",  # nfnets-predict reads images
+        "simplejpeg==1.9.0",  # libjpeg-turbo: JPEGs as PIL reads them, quicker
         "scipy>=1.13",  # sparse bicubic resampling of the input pipeline
     ],
     extras_require={

@@ -20,6 +20,11 @@ It opens the file with PIL and returns uint8 `[H, W, 3]`:
 * Everything else ('1', 'L', 'P', 'CMYK' incl. Adobe's inverted CMYK JPEGs,
   'YCbCr', ...) is PIL's `convert('RGB')`.
 
+Colour JPEGs without an EXIF rotation (most photos) are decoded by
+libjpeg-turbo through simplejpeg, with its default (accurate) IDCT and
+smooth chroma upsampling, as PIL decodes them: the same pixels, in 1.2
+instead of 1.7 ms for a 375 x 500 photo (`benchmarks/input_pipeline.py`).
+
 Files over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
 read at each call; `None` turns it off) are refused unread with
 `ImageTooLargeError`, named and sized; PIL's global limit is never changed.
@@ -35,6 +40,7 @@ import warnings
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+import simplejpeg
 
 PathLike = str | os.PathLike
 # Transparent pixels are shown over this colour.
@@ -46,6 +52,7 @@ _ALPHA_MODES = ('LA', 'La', 'PA', 'RGBA', 'RGBa')
 _BOMB_PIXELS = re.compile(r'\((\d+) pixels\)')
 # What PIL raises for files it cannot identify or decode.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
@@ -129,6 +136,14 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   return np.repeat(grey[..., None], 3, axis=-1)
 
 
+def _plain_jpeg(image: Image.Image) -> bool:
+  """A JPEG whose pixels libjpeg-turbo's RGB output gives as they are: 8-bit
+  YCbCr, no EXIF orientation (`read_rgb` decodes it with simplejpeg)."""
+  if image.format != 'JPEG' or image.mode != 'RGB':
+    return False
+  return image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+
+
 def _refuse_if_too_large(path: str, size: tuple[int, int]) -> None:
   limit = Image.MAX_IMAGE_PIXELS
   pixels = max(1, size[0]) * max(1, size[1])
@@ -181,6 +196,12 @@ def read_rgb(path: PathLike) -> np.ndarray:
   path = os.fspath(path)
   try:
     with _open(path) as image:
+      if _plain_jpeg(image):
+        image.fp.seek(0)
+        try:
+          return simplejpeg.decode_jpeg(image.fp.read(), colorspace='RGB')
+        except ValueError:  # What libjpeg-turbo refuses, PIL may read.
+          image.fp.seek(0)
       return to_rgb(ImageOps.exif_transpose(image))
   except ImageDecodeError:
     raise

@@ -369,3 +369,35 @@ def test_model_preprocess_reads_a_path_as_predict_does(tmp_path):
   one_level = 1 / min(config.std)  # std in 0-255 units.
   np.testing.assert_allclose(from_path, from_pixels, atol=one_level)
   assert from_path.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("options", [
+    {"quality": 90}, {"quality": 75, "subsampling": 0},
+    {"quality": 95, "progressive": True}, {"quality": 50, "subsampling": 1}])
+@pytest.mark.parametrize("size", [(375, 500), (17, 9)])
+def test_colour_jpegs_decode_through_simplejpeg_as_pil(tmp_path, monkeypatch,
+                                                       options, size):
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(pixels).save(path, **options)
+  calls = []
+  decode = images.simplejpeg.decode_jpeg
+  monkeypatch.setattr(images.simplejpeg, "decode_jpeg",
+                      lambda *a, **k: calls.append(1) or decode(*a, **k))
+  got = images.read_rgb(path)
+  assert calls  # The quick path ran, and gave PIL's pixels.
+  np.testing.assert_array_equal(got, np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_rotated_and_grey_jpegs_take_pils_path(tmp_path, monkeypatch):
+  monkeypatch.setattr(images.simplejpeg, "decode_jpeg", None)  # Unused.
+  grey = tmp_path / "grey.jpg"
+  Image.fromarray(np.full((8, 6), 90, np.uint8)).save(grey)
+  assert images.read_rgb(grey).shape == (8, 6, 3)
+  rotated = tmp_path / "rotated.jpg"
+  exif = Image.Exif()
+  exif[EXIF_ORIENTATION] = 6
+  Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(rotated,
+                                                      exif=exif.tobytes())
+  assert images.read_rgb(rotated).shape == (6, 8, 3)
