@@ -48,7 +48,10 @@ allowed):
       randaugment_magnitude (0: off), randaugment_mode ('official': the TF
       port's ops exactly, 100 px translate / 40 px cutout at magnitude 10;
       'relative': those sizes as fractions of a 224 px side, PIL's
-      contrast and solarize), mixup_alpha, cutmix_alpha (0: off).
+      contrast and solarize), mixup_alpha, cutmix_alpha (0: off),
+      on_device (MixUp/CutMix, RandAugment and normalization in the jitted
+      train step; the host crops, flips, resizes and draws; the same
+      numbers on CPU).
   train.label_smoothing: in [0, 1).
   train.loss: 'softmax' or 'sigmoid' cross-entropy.
   train.ema_decay: EMA of the weights for evaluation (None: no EMA);
@@ -57,7 +60,8 @@ allowed):
       float32).
   train.log_every_steps: train metrics to metrics.jsonl / progress bar.
   train.prefetch: batches transferred to the devices ahead of use.
-  train.debug_nan_at_step: debug hook, the images of that step (1-based)
+  train.debug_nan_at_step: debug hook, the images and soft labels of that
+      step (1-based)
       become NaN, and so its loss.
   eval.batch_size: global eval batch (multiple of the device count).
   eval.image_size: evaluation resolution; eval.crop_padding: resize to

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import tqdm
 
+from nfnets_jax.cli import compile_cache
 from nfnets_jax.cli import errors
 
 RESULTS_DIR = pathlib.Path("results")
@@ -73,8 +74,13 @@ def run_command(module: str, main: Callable[[], Any]) -> None:
   """Runs a script's `main()` as a command and exits.
 
   Bad input (arguments, files, data) ends with one `python -m MODULE:
-  error: ...` line and exit status 2 (`nfnets_jax.cli.errors.guard`).
+  error: ...` line and exit status 2 (`nfnets_jax.cli.errors.guard`). JAX's
+  persistent compilation cache is on, as for the package's commands
+  (`nfnets_jax.cli.compile_cache`; `NFNETS_JAX_COMPILE_CACHE=0` turns it
+  off).
   """
+  compile_cache.enable()
+
   def command() -> int:
     main()
     return 0

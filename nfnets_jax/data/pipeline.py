@@ -48,6 +48,7 @@ class Augment:
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   randaugment_mode: str = 'official'
+  on_device: bool = False
 
   @property
   def mixing(self) -> bool:
@@ -63,7 +64,9 @@ def parse_augment(config: ml_collections.ConfigDict | None) -> Augment:
       `randaugment: {num_layers: int, magnitude: float, mode: str} | None`
       or as the flat `randaugment_layers: int`, `randaugment_magnitude:
       float`, `randaugment_mode: str` (0 layers = off; the mode is one of
-      `randaugment.MODES`, default 'official').
+      `randaugment.MODES`, default 'official'); optional `on_device: bool`
+      (default False): MixUp/CutMix, RandAugment and normalization run in
+      the train step (`TrainBatch`).
 
   Returns:
     The parsed `Augment`.
@@ -95,7 +98,8 @@ def parse_augment(config: ml_collections.ConfigDict | None) -> Augment:
                      + ' or '.join(map(repr, randaugment.MODES)) + '.')
   augment = Augment(bool(config.random_crop), bool(config.flip), int(layers),
                     float(magnitude), float(config.mixup_alpha),
-                    float(config.cutmix_alpha), mode)
+                    float(config.cutmix_alpha), mode,
+                    bool(config.get('on_device', False)))
   if min(augment.randaugment_layers, augment.randaugment_magnitude,
          augment.mixup_alpha, augment.cutmix_alpha) < 0:
     raise ValueError(f'augment values must be >= 0, got {augment}.')
@@ -172,6 +176,14 @@ class TrainBatch:
 
   Per example: random crop, flip, bicubic resize; then mixup / CutMix over
   the batch (2B examples -> B), RandAugment per image, normalization.
+
+  With `augment.on_device`, the host stops after the resize and draws the
+  rest's random choices (same generator, same order): the batch holds the
+  resized float32 `images` (with mixing, the pairs' first halves, and
+  `images_second`), the draws (`mix_weights`, `mix_cutmix`, `mix_boxes`;
+  `ra_ops`, `ra_negative`, `ra_centers`), the final `labels` and
+  `soft_labels`; `data.device_augment.augment` turns it into the batch the
+  host would have made, inside the train step.
   """
   image_size: int
   augment: Augment
@@ -187,6 +199,8 @@ class TrainBatch:
             crop_padding=self.crop_padding)
         for example in examples])
     labels = np.asarray([example['label'] for example in examples], np.int32)
+    if self.augment.on_device:
+      return self._draws(images, labels, rng)
     if self.augment.mixing:
       images, soft_labels, labels = mixing.mix_batch(
           images, labels, self.num_classes, rng,
@@ -205,6 +219,33 @@ class TrainBatch:
           for image in images])
     return {'images': preprocessing.normalize(images), 'labels': labels,
             'soft_labels': soft_labels,
+            'mask': np.ones(len(labels), np.float32)}
+
+
+  def _draws(self, images: np.ndarray, labels: np.ndarray,
+             rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The `on_device` batch: resized images and the random draws."""
+    a, (height, width) = self.augment, images.shape[1:3]
+    if a.mixing:
+      size = len(images) // 2
+      draws = mixing.draw(size, height, width, rng,
+                          mixup_alpha=a.mixup_alpha,
+                          cutmix_alpha=a.cutmix_alpha)
+      soft_labels, labels = mixing.soft_labels(labels, self.num_classes,
+                                               draws.weights)
+      batch = {'images': images[:size], 'images_second': images[size:],
+               'mix_weights': draws.weights, 'mix_cutmix': draws.cutmix,
+               'mix_boxes': draws.boxes}
+    else:
+      soft_labels = mixing.one_hot(labels, self.num_classes)
+      batch = {'images': images}
+    if a.randaugment_layers > 0:
+      draws = [randaugment.draw(a.randaugment_layers, height, width, rng)
+               for _ in range(len(labels))]
+      batch.update(ra_ops=np.stack([d.ops for d in draws]),
+                   ra_negative=np.stack([d.negative for d in draws]),
+                   ra_centers=np.stack([d.centers for d in draws]))
+    return {**batch, 'labels': labels, 'soft_labels': soft_labels,
             'mask': np.ones(len(labels), np.float32)}
 
 

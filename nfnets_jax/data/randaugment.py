@@ -28,6 +28,7 @@ numbers are the op's own (2-3x quicker at 192 px).
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -198,19 +199,26 @@ def project(image: np.ndarray, transform: tuple[float, ...]) -> np.ndarray:
   Returns:
     uint8 `[H, W, C]`.
   """
-  a0, a1, a2, b0, b1, b2 = np.asarray(transform, np.float32)
   height, width = image.shape[:2]
+  # The pixels, then one grey pixel that every outside read takes.
+  pixels = np.concatenate([image.reshape(height * width, -1), np.full(
+      (1, image.shape[-1]), FILL_VALUE, image.dtype)])
+  return np.take(pixels, project_index(transform, height, width),
+                 axis=0).reshape(image.shape)
+
+
+def project_index(transform: tuple[float, ...], height: int, width: int
+                  ) -> np.ndarray:
+  """`project`'s reads: int64 `[H, W]` flat input pixel indices, `H * W`
+  (the grey fill) where the transformed position is outside the image."""
+  a0, a1, a2, b0, b1, b2 = np.asarray(transform, np.float32)
   x = np.arange(width, dtype=np.float32)
   y = np.arange(height, dtype=np.float32)[:, None]
   # float32 step by step, in the kernel's order (no fused multiply-add).
   col = _round_half_away((a0 * x + a1 * y) + a2)
   row = _round_half_away((b0 * x + b1 * y) + b2)
   inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
-  # The pixels, then one grey pixel that every outside read takes.
-  pixels = np.concatenate([image.reshape(height * width, -1), np.full(
-      (1, image.shape[-1]), FILL_VALUE, image.dtype)])
-  index = np.where(inside, row * width + col, height * width)
-  return np.take(pixels, index, axis=0).reshape(image.shape)
+  return np.where(inside, row * width + col, height * width)
 
 
 def _round_half_away(values: np.ndarray) -> np.ndarray:
@@ -225,14 +233,19 @@ def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
   Positive `degrees` turn the content counter-clockwise on screen, as PIL's
   `rotate` (the port's docstring says clockwise; its kernel does not).
   """
+  return project(image, _rotation(degrees, *image.shape[:2]))
+
+
+def _rotation(degrees: float, height: int, width: int) -> tuple[float, ...]:
+  """`rotate`'s transform (`project`) on a `[height, width]` image."""
   angle = np.float32(degrees * (np.pi / 180.0))
   cos = np.float32(np.cos(np.float64(angle)))
   sin = np.float32(np.sin(np.float64(angle)))
-  h1 = np.float32(image.shape[0] - 1)
-  w1 = np.float32(image.shape[1] - 1)
+  h1 = np.float32(height - 1)
+  w1 = np.float32(width - 1)
   x_offset = (w1 - (cos * w1 - sin * h1)) / np.float32(2.0)
   y_offset = (h1 - (sin * w1 + cos * h1)) / np.float32(2.0)
-  return project(image, (cos, -sin, x_offset, sin, cos, y_offset))
+  return (cos, -sin, x_offset, sin, cos, y_offset)
 
 
 def shear_x(image: np.ndarray, level: float) -> np.ndarray:
@@ -274,11 +287,6 @@ def cutout(image: np.ndarray, center: tuple[int, int],
   return out
 
 
-def _signed(value: float, rng: np.random.Generator) -> float:
-  """`value` with a random sign (each with probability 1/2)."""
-  return value if rng.random() < 0.5 else -value
-
-
 def _enhance(level: float) -> float:
   """The enhance ops' factor: 0.1 at level 0, 1.9 at level 1 (magnitude 10)."""
   return level * 1.8 + 0.1
@@ -303,47 +311,122 @@ def _contrast(image: np.ndarray, level: float, mode: str) -> np.ndarray:
   return op(image, _enhance(level))
 
 
-def _cutout(image: np.ndarray, level: float, rng: np.random.Generator,
+def _cutout(image: np.ndarray, level: float, center: tuple[int, int],
             mode: str) -> np.ndarray:
-  center = (int(rng.integers(image.shape[0])),
-            int(rng.integers(image.shape[1])))
   return cutout(image, center, int(_pixels(level, CUTOUT_PIXELS,
                                            min(image.shape[:2]), mode)))
 
 
-_Op = Callable[[np.ndarray, float, np.random.Generator, str], np.ndarray]
-# Op name -> f(image, level = magnitude / 10, rng, mode): the port's mapping.
+def _sign(value: float, negative: bool) -> float:
+  return -value if negative else value
+
+
+def _transform(name: str, level: float, negative: bool, height: int,
+               width: int, mode: str) -> tuple[float, ...]:
+  """A geometric op's `project` transform (the `SIGNED_OPS`)."""
+  if name == 'Rotate':
+    return _rotation(_sign(level * 30.0, negative), height, width)
+  if name in ('ShearX', 'ShearY'):
+    shear = _sign(level * 0.3, negative)
+    return ((1.0, shear, 0.0, 0.0, 1.0, 0.0) if name == 'ShearX'
+            else (1.0, 0.0, 0.0, shear, 1.0, 0.0))
+  side = width if name == 'TranslateX' else height
+  pixels = _sign(_pixels(level, TRANSLATE_PIXELS, side, mode), negative)
+  return ((1.0, 0.0, pixels, 0.0, 1.0, 0.0) if name == 'TranslateX'
+          else (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
+
+
+def geometric_index(name: str, magnitude: float, negative: bool,
+                    height: int, width: int, mode: str = 'official'
+                    ) -> np.ndarray:
+  """The reads of a geometric op (one of `SIGNED_OPS`) at `magnitude` on a
+  `[height, width]` image: `project_index` of its transform."""
+  return project_index(_transform(name, magnitude / MAX_LEVEL, negative,
+                                  height, width, mode), height, width)
+
+
+# f(image, level = magnitude / 10, negative, center, mode): the port's
+# mapping; `negative` and `center` are the op's random draws (`_draw`).
+_Op = Callable[[np.ndarray, float, bool, tuple[int, int], str], np.ndarray]
 _OPS: dict[str, _Op] = {
-    'AutoContrast': lambda image, level, rng, mode: autocontrast(image),
-    'Equalize': lambda image, level, rng, mode: equalize(image),
-    'Invert': lambda image, level, rng, mode: invert(image),
-    'Rotate': lambda image, level, rng, mode: rotate(
-        image, _signed(level * 30.0, rng)),
-    'Posterize': lambda image, level, rng, mode: posterize(
+    'AutoContrast': lambda image, level, neg, center, mode: autocontrast(
+        image),
+    'Equalize': lambda image, level, neg, center, mode: equalize(image),
+    'Invert': lambda image, level, neg, center, mode: invert(image),
+    'Rotate': lambda image, level, neg, center, mode: project(
+        image, _transform('Rotate', level, neg, *image.shape[:2], mode)),
+    'Posterize': lambda image, level, neg, center, mode: posterize(
         image, int(level * 4)),
-    'Solarize': lambda image, level, rng, mode: _solarize(image, level, mode),
-    'Color': lambda image, level, rng, mode: color(image, _enhance(level)),
-    'Contrast': lambda image, level, rng, mode: _contrast(image, level, mode),
-    'Brightness': lambda image, level, rng, mode: brightness(
+    'Solarize': lambda image, level, neg, center, mode: _solarize(
+        image, level, mode),
+    'Color': lambda image, level, neg, center, mode: color(
         image, _enhance(level)),
-    'Sharpness': lambda image, level, rng, mode: sharpness(
+    'Contrast': lambda image, level, neg, center, mode: _contrast(
+        image, level, mode),
+    'Brightness': lambda image, level, neg, center, mode: brightness(
         image, _enhance(level)),
-    'ShearX': lambda image, level, rng, mode: shear_x(
-        image, _signed(level * 0.3, rng)),
-    'ShearY': lambda image, level, rng, mode: shear_y(
-        image, _signed(level * 0.3, rng)),
-    'TranslateX': lambda image, level, rng, mode: translate_x(
-        image, _signed(_pixels(level, TRANSLATE_PIXELS, image.shape[1],
-                               mode), rng)),
-    'TranslateY': lambda image, level, rng, mode: translate_y(
-        image, _signed(_pixels(level, TRANSLATE_PIXELS, image.shape[0],
-                               mode), rng)),
-    'Cutout': _cutout,
-    'SolarizeAdd': lambda image, level, rng, mode: solarize_add(
+    'Sharpness': lambda image, level, neg, center, mode: sharpness(
+        image, _enhance(level)),
+    'ShearX': lambda image, level, neg, center, mode: project(
+        image, _transform('ShearX', level, neg, *image.shape[:2], mode)),
+    'ShearY': lambda image, level, neg, center, mode: project(
+        image, _transform('ShearY', level, neg, *image.shape[:2], mode)),
+    'TranslateX': lambda image, level, neg, center, mode: project(
+        image, _transform('TranslateX', level, neg, *image.shape[:2], mode)),
+    'TranslateY': lambda image, level, neg, center, mode: project(
+        image, _transform('TranslateY', level, neg, *image.shape[:2], mode)),
+    'Cutout': lambda image, level, neg, center, mode: _cutout(
+        image, level, center, mode),
+    'SolarizeAdd': lambda image, level, neg, center, mode: solarize_add(
         image, int(level * 110)),
 }
 # The 16 ops in the port's order.
 OP_NAMES = tuple(_OPS)
+# The ops that draw a sign (probability 1/2 each) and the one that draws a
+# position.
+SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
+
+
+class Draws(NamedTuple):
+  """What RandAugment draws for one image (`draw`), as arrays.
+
+  Attributes:
+    ops: int32 `[L]`: each layer's op, an index into `OP_NAMES`.
+    negative: bool `[L]`: a signed op's sign (False elsewhere).
+    centers: int32 `[L, 2]`: Cutout's (row, column) (0 elsewhere).
+  """
+  ops: np.ndarray
+  negative: np.ndarray
+  centers: np.ndarray
+
+
+def _draw(name: str, height: int, width: int, rng: np.random.Generator
+          ) -> tuple[bool, tuple[int, int]]:
+  """One op's draws, in the port's order: a sign, or a Cutout center."""
+  if name in SIGNED_OPS:
+    return bool(rng.random() >= 0.5), (0, 0)
+  if name == 'Cutout':
+    return False, (int(rng.integers(height)), int(rng.integers(width)))
+  return False, (0, 0)
+
+
+def draw(num_layers: int, height: int, width: int,
+         rng: np.random.Generator) -> Draws:
+  """The random draws of `randaugment` on one `[height, width]` image.
+
+  Consumes `rng` as `randaugment` does; `apply_draws` of them gives its
+  output (`data.device_augment` applies them in the jitted train step).
+  """
+  ops, negative, centers = [], [], []
+  for _ in range(num_layers):
+    op = int(rng.integers(len(OP_NAMES)))
+    neg, center = _draw(OP_NAMES[op], height, width, rng)
+    ops.append(op)
+    negative.append(neg)
+    centers.append(center)
+  return Draws(np.asarray(ops, np.int32).reshape(num_layers),
+               np.asarray(negative, bool).reshape(num_layers),
+               np.asarray(centers, np.int32).reshape(num_layers, 2))
 
 
 def check_mode(mode: str) -> None:
@@ -372,7 +455,28 @@ def apply_op(name: str, image: np.ndarray, magnitude: float,
   if name not in _OPS:
     raise ValueError(f'Unknown RandAugment op {name!r}; known: {OP_NAMES}.')
   check_mode(mode)
-  return _OPS[name](image, magnitude / MAX_LEVEL, rng, mode)
+  negative, center = _draw(name, image.shape[0], image.shape[1], rng)
+  return _OPS[name](image, magnitude / MAX_LEVEL, negative, center, mode)
+
+
+def apply_draws(image: np.ndarray, draws: Draws, magnitude: float,
+                mode: str = 'official') -> np.ndarray:
+  """Applies the layers of `draws` (`draw`), each at `magnitude`.
+
+  Args:
+    image: uint8 `[H, W, 3]`.
+    draws: one image's `Draws`.
+    magnitude: shared magnitude on the 0-10 scale.
+    mode: one of `MODES`.
+
+  Returns:
+    uint8 `[H, W, 3]`.
+  """
+  check_mode(mode)
+  for op, negative, center in zip(draws.ops, draws.negative, draws.centers):
+    image = _OPS[OP_NAMES[op]](image, magnitude / MAX_LEVEL, bool(negative),
+                               (int(center[0]), int(center[1])), mode)
+  return image
 
 
 def randaugment(image: np.ndarray, num_layers: int, magnitude: float,
@@ -391,7 +495,5 @@ def randaugment(image: np.ndarray, num_layers: int, magnitude: float,
     uint8 `[H, W, 3]`.
   """
   check_mode(mode)
-  for _ in range(num_layers):
-    name = OP_NAMES[int(rng.integers(len(OP_NAMES)))]
-    image = apply_op(name, image, magnitude, rng, mode)
-  return image
+  return apply_draws(image, draw(num_layers, *image.shape[:2], rng),
+                     magnitude, mode)

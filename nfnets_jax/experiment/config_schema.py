@@ -67,6 +67,9 @@ def base_config() -> config_dict.ConfigDict:
               "randaugment_mode": "official",
               "mixup_alpha": 0.0,
               "cutmix_alpha": 0.0,
+              # MixUp/CutMix, RandAugment and normalization in the jitted
+              # train step, on the host's draws (`data.device_augment`).
+              "on_device": False,
           },
           "label_smoothing": 0.0,
           "loss": "softmax",

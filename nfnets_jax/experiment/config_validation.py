@@ -241,6 +241,8 @@ def _check_train_fields(config: Any, p: _Problems) -> None:
   for name in ("randaugment_layers", "randaugment_magnitude", "mixup_alpha",
                "cutmix_alpha"):
     p.check(a[name] >= 0, f"train.augment.{name}", a[name], ">= 0 (0: off)")
+  p.check(isinstance(a.on_device, bool), "train.augment.on_device",
+          a.on_device, "True or False")
   p.check(a.randaugment_mode in randaugment.MODES,
           "train.augment.randaugment_mode", a.randaugment_mode,
           " or ".join(map(repr, randaugment.MODES))

@@ -31,7 +31,7 @@ def augment_config(train_config: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "random_crop": bool(a.random_crop), "flip": bool(a.flip),
       "randaugment": randaugment, "mixup_alpha": float(a.mixup_alpha),
-      "cutmix_alpha": float(a.cutmix_alpha)})
+      "cutmix_alpha": float(a.cutmix_alpha), "on_device": bool(a.on_device)})
 
 
 class TrainStream:

@@ -159,7 +159,7 @@ def build(config: Any, plan: config_validation.RunPlan) -> Components:
   train_step = ts.make_train_step(
       net, plan.tx, plan.schedule, config.train, clip_stats=clip_stats,
       sam_perturbation=optimizers.sam_perturbation(config.optimizer),
-      fast_compile=fast)
+      fast_compile=fast, augment=ts.device_augmentation(config.train))
   return Components(
       net=net, tx=plan.tx, schedule=plan.schedule, train_step=train_step,
       eval_step=evaluation.make_eval_step(net, config.train.loss,
@@ -271,7 +271,9 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 def poisoned(batches: Iterator[tuple[dict, Any]], step: int, nan_step: int
              ) -> Iterator[tuple[dict, Any]]:
-  """Debug hook: the images of step `nan_step` (1-based) become NaN.
+  """Debug hook: the images and soft labels of step `nan_step` (1-based)
+  become NaN (images alone would not reach the loss through RandAugment's
+  uint8 conversion in the train step, `train.augment.on_device`).
 
   Bad data is a realistic source of a NaN loss, and poisoning the input
   leaves the compiled train step unchanged (`config.train.debug_nan_at_step`).
@@ -284,7 +286,8 @@ def poisoned(batches: Iterator[tuple[dict, Any]], step: int, nan_step: int
   for batch, position in batches:
     step += 1
     if step == nan_step:
-      batch = {**batch, "images": np.full_like(batch["images"], np.nan)}
+      batch = {**batch, **{k: np.full_like(batch[k], np.nan)
+                           for k in ("images", "soft_labels")}}
     yield batch, position
 
 

@@ -108,6 +108,7 @@ def nfnet_imagenet(variant: str, arg: str | None = None
   t.augment.randaugment_mode = "official"  # Fixed pixels, as the TF port.
   t.augment.mixup_alpha = MIXUP_ALPHA
   t.augment.cutmix_alpha = CUTMIX_ALPHA
+  t.augment.on_device = True  # The host only decodes, crops and resizes.
   t.ema_decay = 0.99999
   t.ema_warmup = True
   t.compute_dtype = "bfloat16"
@@ -157,6 +158,7 @@ def nf_regnet_imagenet(variant: str = "B0", arg: str | None = None
   t.augment.flip = True
   t.augment.mixup_alpha = MIXUP_ALPHA
   t.augment.cutmix_alpha = CUTMIX_ALPHA
+  t.augment.on_device = True
   t.ema_decay = 0.99999
   t.compute_dtype = "float32"
   config.eval.image_size = v.test_imsize

@@ -14,6 +14,7 @@ key is used twice and a resumed run replays the same keys.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import functools
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 
 from nfnets_jax.cpu import compiler
+from nfnets_jax.data import device_augment
 from nfnets_jax.experiment import losses
 from nfnets_jax.experiment import parallel
 from nfnets_jax.models import stats
@@ -137,12 +139,25 @@ def _pmean_floats(tree: Any) -> Any:
       if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def device_augmentation(train_config: Any) -> Callable[[Batch], Batch] | None:
+  """`data.device_augment.augment` with `config.train.augment`'s settings
+  when `augment.on_device`, else None (the host made the batch)."""
+  a = train_config.augment
+  if not a.get("on_device", False):
+    return None
+  return functools.partial(
+      device_augment.augment, num_layers=int(a.randaugment_layers),
+      magnitude=float(a.randaugment_magnitude),
+      mode=str(a.randaugment_mode))
+
+
 def make_train_step(
     net: hk.TransformedWithState, tx: optax.GradientTransformation,
     schedule: optax.Schedule, train_config: Any, *,
     clip_stats: Callable[[optax.OptState], Metrics] | None = None,
     sam_perturbation: str | None = None,
     fast_compile: bool = False,
+    augment: Callable[[Batch], Batch] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the pmapped `train_step(state, batch) -> (state, metrics)`.
 
@@ -167,6 +182,8 @@ def make_train_step(
       before the outer update. None: `tx` is not SAM.
     fast_compile: compile without LLVM's expensive passes (a run of a few
       steps, where compiling dominates; `cpu.compiler.FAST_OPTIONS`).
+    augment: the first thing the step does to each device's batch
+      (`device_augmentation`); None: the batch is ready.
   """
   compute_dtype = jnp.dtype(train_config.compute_dtype)
   smoothing = float(train_config.label_smoothing)
@@ -218,6 +235,8 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: Batch
                  ) -> tuple[TrainState, Metrics]:
+    if augment is not None:
+      batch = augment(batch)
     step_key = jax.random.fold_in(state.rng, state.step)
     key = jax.random.fold_in(step_key, lax.axis_index(parallel.AXIS))
     (loss, (logits, model_state)), local_grads = loss_and_grads(

@@ -165,7 +165,8 @@ def test_cutmix_label_weight_is_the_pasted_area():
 
 def test_cutmix_mask_is_a_clipped_box():
   for seed in range(50):
-    mask = mixing.cutmix_mask(9, 13, 0.3, np.random.default_rng(seed))
+    mask = mixing.box_mask(9, 13, mixing.cutmix_box(
+        9, 13, 0.3, np.random.default_rng(seed)))
     assert mask.shape == (9, 13, 1)
     rows, cols = np.nonzero(mask[..., 0])
     if rows.size:
