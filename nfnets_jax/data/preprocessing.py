@@ -71,17 +71,21 @@ def _resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=256)
-def _resize_matrix(in_size: int, out_size: int,
-                   channels: int = 1) -> sparse.csr_matrix:
+def _resize_matrix(in_size: int, out_size: int, channels: int = 1,
+                   mirror: bool = False) -> sparse.csr_matrix:
   """The resampling as a sparse float32 `[out * C, in * C]` matrix.
 
   Row `o * C + c` holds output sample `o`'s 4 taps of channel `c` in the
   taps' order (a clipped tap repeats its neighbour's column with weight 0),
   so each output is summed exactly as `sum_k weight_k * input[tap_k]`.
+  `mirror`: the taps read the input reversed (`in - 1 - tap`), which is
+  resampling the flipped input, the same sums, without copying it.
   Built straight into CSR form (no sorting): crops of random sizes miss the
   cache.
   """
   taps, weights = _resize_taps(in_size, out_size)
+  if mirror:
+    taps = in_size - 1 - taps
   offsets = np.arange(channels)[None, :, None]
   indices = taps.T[:, None, :] * channels + offsets  # [out, C, 4]
   data = np.broadcast_to(weights.T[:, None, :], indices.shape)
@@ -91,7 +95,8 @@ def _resize_matrix(in_size: int, out_size: int,
       shape=(rows, in_size * channels))
 
 
-def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bicubic(image: np.ndarray, height: int, width: int, *,
+                   flip: bool = False) -> np.ndarray:
   """Resizes images with TF's non-antialiased half-pixel bicubic kernel.
 
   Each axis is one sparse matrix product (`_resize_matrix`, 4 taps per
@@ -101,6 +106,9 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     image: `[..., H, W, C]` array of any real dtype (e.g. uint8 0-255).
     height: output height in pixels.
     width: output width in pixels.
+    flip: resize `image[..., ::-1, :]` (left-right flipped), the same
+      numbers without converting a reversed view (10x slower than a
+      contiguous one).
 
   Returns:
     float32 `[..., height, width, C]`, unclamped (overshoots beyond the input
@@ -113,8 +121,8 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     columns = x.transpose(1, 0, 2).reshape(in_height, -1)
     x = (_resize_matrix(in_height, height) @ columns).reshape(
         height, -1, in_width * channels).transpose(1, 0, 2)
-  if in_width != width:  # Columns, channels interleaved: [N * height, W * C].
-    x = (_resize_matrix(in_width, width, channels) @ x.reshape(
+  if in_width != width or flip:  # Columns, channels interleaved.
+    x = (_resize_matrix(in_width, width, channels, flip) @ x.reshape(
         -1, in_width * channels).T).T
   return np.ascontiguousarray(x).reshape(*lead, height, width, channels)
 
@@ -222,9 +230,8 @@ def train_crop_flip_resize(image: np.ndarray, image_size: int,
       window = center_crop_window(image.shape[0], image.shape[1], image_size,
                                   crop_padding)
     image = crop(image, window)
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return resize_bicubic(image, image_size, image_size)
+  flipped = flip and rng.random() < 0.5
+  return resize_bicubic(image, image_size, image_size, flip=flipped)
 
 
 def eval_resize_crop(image: np.ndarray, image_size: int, padding: int,

@@ -48,6 +48,15 @@ def test_resize_matches_jax_non_antialiased_bicubic(size):
   np.testing.assert_allclose(ours, np.asarray(reference), atol=1e-3)
 
 
+@pytest.mark.parametrize('shape, size', [((37, 53, 3), 24), ((20, 11, 3), 31),
+                                         ((16, 16, 3), 16), ((9, 40, 1), 9)])
+def test_resize_of_the_flipped_image_is_the_mirrored_resize(shape, size):
+  image = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+  np.testing.assert_array_equal(
+      preprocessing.resize_bicubic(image, size, size, flip=True),
+      preprocessing.resize_bicubic(image[:, ::-1], size, size))
+
+
 def test_resize_upscale_matches_pil_and_keeps_constants():
   channel = np.random.default_rng(1).random((9, 11)).astype(np.float32) * 255
   ours = preprocessing.resize_bicubic(channel[..., None], 40, 50)[..., 0]
