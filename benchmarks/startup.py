@@ -85,8 +85,10 @@ def _python(code: str, *args: str, env: dict[str, str]) -> dict[str, float]:
 
 
 def _predict(weights: str, image: str, env: dict[str, str]) -> dict[str, float]:
+  # The command of this interpreter's environment, not whichever is on PATH.
+  command = os.path.join(os.path.dirname(sys.executable), "nfnets-predict")
   start = time.perf_counter()
-  subprocess.run(["nfnets-predict", "--pretrained", weights, image], env=env,
+  subprocess.run([command, "--pretrained", weights, image], env=env,
                  check=True, capture_output=True, text=True)
   return {"total": time.perf_counter() - start}
 
