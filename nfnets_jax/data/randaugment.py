@@ -227,17 +227,11 @@ def _round_half_away(values: np.ndarray) -> np.ndarray:
   return np.trunc(values + np.copysign(0.5, values)).astype(np.int64)
 
 
-def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
-  """Rotates about the center as tensorflow_addons' `rotate`, grey fill.
-
-  Positive `degrees` turn the content counter-clockwise on screen, as PIL's
-  `rotate` (the port's docstring says clockwise; its kernel does not).
-  """
-  return project(image, _rotation(degrees, *image.shape[:2]))
-
-
 def _rotation(degrees: float, height: int, width: int) -> tuple[float, ...]:
-  """`rotate`'s transform (`project`) on a `[height, width]` image."""
+  """The `project` transform rotating a `[height, width]` image about its
+  center as tensorflow_addons' `rotate`: positive `degrees` turn the content
+  counter-clockwise on screen, as PIL's `rotate` (the port's docstring says
+  clockwise; its kernel does not)."""
   angle = np.float32(degrees * (np.pi / 180.0))
   cos = np.float32(np.cos(np.float64(angle)))
   sin = np.float32(np.sin(np.float64(angle)))
@@ -246,26 +240,6 @@ def _rotation(degrees: float, height: int, width: int) -> tuple[float, ...]:
   x_offset = (w1 - (cos * w1 - sin * h1)) / np.float32(2.0)
   y_offset = (h1 - (sin * w1 + cos * h1)) / np.float32(2.0)
   return (cos, -sin, x_offset, sin, cos, y_offset)
-
-
-def shear_x(image: np.ndarray, level: float) -> np.ndarray:
-  """Shears along x: output (x, y) samples input (x + level * y, y)."""
-  return project(image, (1.0, level, 0.0, 0.0, 1.0, 0.0))
-
-
-def shear_y(image: np.ndarray, level: float) -> np.ndarray:
-  """Shears along y: output (x, y) samples input (x, y + level * x)."""
-  return project(image, (1.0, 0.0, 0.0, level, 1.0, 0.0))
-
-
-def translate_x(image: np.ndarray, pixels: float) -> np.ndarray:
-  """Moves the content left by `pixels` (right when negative), grey fill."""
-  return project(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0))
-
-
-def translate_y(image: np.ndarray, pixels: float) -> np.ndarray:
-  """Moves the content up by `pixels` (down when negative), grey fill."""
-  return project(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels))
 
 
 def cutout(image: np.ndarray, center: tuple[int, int],

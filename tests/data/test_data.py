@@ -245,7 +245,7 @@ def test_randaugment_ops_match_pil_and_definitions():
 
 def test_translate_moves_content_by_whole_pixels():
   image = _random_image(8, (10, 10, 3))
-  out = randaugment.translate_x(image, 3)
+  out = randaugment.project(image, (1.0, 0.0, 3.0, 0.0, 1.0, 0.0))
   np.testing.assert_array_equal(out[:, :7], image[:, 3:])
   np.testing.assert_array_equal(out[:, 7:], randaugment.FILL_VALUE)
 
