@@ -2,6 +2,7 @@
 steps as it does on the batch the host augments (same numbers on CPU)."""
 import jax
 import numpy as np
+import pytest
 
 from nfnets_jax.data import pipeline
 from nfnets_jax.experiment import config_validation
@@ -11,6 +12,11 @@ from nfnets_jax.models import families
 import train_harness as testing
 
 
+# Opt-in (-m long), for CI's 10 minutes: two train-step compiles. The
+# default suite checks the batches themselves (tests/data/
+# test_device_augment.py) and runs the NFNet recipes' smoke forms, which
+# augment in the step, end to end (test_configs.py).
+@pytest.mark.long
 def test_step_on_device_draws_equals_step_on_host_batch():
   config = testing.load_config(testing.DEFAULT_CONFIG, "smoke")
   config.train.global_batch_size = 8
