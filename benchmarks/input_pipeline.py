@@ -243,21 +243,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"CutMix 1.0 over pairs; one process, one thread; best of "
         f"{args.repeats}; load {load_before:.2f} before, {load_after:.2f} "
         "after")
-  print(f"  baseline (PIL decode, crop, resize, flip): "
-        f"{best['baseline']:.0f} images/s per core "
-        f"(runs {', '.join(f'{r:.0f}' for r in runs['baseline'])})")
-  print(f"  ours (the recipe's host work):             "
-        f"{best['ours']:.0f} images/s per core "
-        f"(runs {', '.join(f'{r:.0f}' for r in runs['ours'])}), "
-        f"{best['ours'] / best['baseline']:.2f} x the baseline")
-  print("  ours per decoded image, ms: " + ", ".join(
-      f"{k} {v:.2f}" for k, v in best_stages.items()))
-  print(f"  ours, train.augment.on_device (host: decode, crop, flip, resize, "
-        f"draws): {best['on_device']:.0f} images/s per core (runs "
-        f"{', '.join(f'{r:.0f}' for r in runs['on_device'])}), "
-        f"{best['on_device'] / best['baseline']:.2f} x the baseline")
-  print("  on_device per decoded image, ms: " + ", ".join(
-      f"{k} {v:.2f}" for k, v in device_stages.items()))
+  for key, label, stages in (
+      ("baseline", "baseline (PIL decode, crop, resize, flip)", None),
+      ("ours", "ours (the recipe's host work)", best_stages),
+      ("on_device", "ours, train.augment.on_device (host: decode, crop, "
+       "flip, resize, draws)", device_stages)):
+    ratio = ("" if key == "baseline" else
+             f", {best[key] / best['baseline']:.2f} x the baseline")
+    print(f"  {label}: {best[key]:.0f} images/s per core (runs "
+          f"{', '.join(f'{r:.0f}' for r in runs[key])}){ratio}")
+    if stages:
+      print("    per decoded image, ms: " + ", ".join(
+          f"{k} {v:.2f}" for k, v in stages.items()))
   print(f"  the jitted augmentation of {args.batch} training images on this "
         f"CPU ({jax.device_count()} device): {1e3 * augment_s:.0f} ms")
   if step_s is not None:
