@@ -401,3 +401,12 @@ def test_rotated_and_grey_jpegs_take_pils_path(tmp_path, monkeypatch):
   Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(rotated,
                                                       exif=exif.tobytes())
   assert images.read_rgb(rotated).shape == (6, 8, 3)
+
+
+def test_a_truncated_jpeg_is_still_refused_by_name(tmp_path):
+  path = tmp_path / "cut.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (64, 80, 3), dtype=np.uint8)).save(path, quality=90)
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(images.ImageDecodeError, match="cut.jpg.*truncated"):
+    images.read_rgb(path)
