@@ -8,6 +8,7 @@ import functools
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,9 +20,15 @@ from nfnets_jax.data import randaugment
 _FIXTURE = pathlib.Path(__file__).parents[1] / 'fixtures' / 'randaugment_tf'
 
 
+def _jit(fn):
+  """`fn` compiled with the package's options, without LLVM's slow passes
+  (as the train step of a short run is; the barriers hold either way)."""
+  return compiler.Compiled(jax.jit(fn), fast=True)
+
+
 def _device_ra(images, draws, magnitude, mode='official'):
-  fn = compiler.jit(functools.partial(device_augment.randaugment,
-                                      magnitude=magnitude, mode=mode))
+  fn = _jit(functools.partial(device_augment.randaugment,
+                              magnitude=magnitude, mode=mode))
   return np.asarray(fn(images, *(np.stack(x) for x in zip(*draws))))
 
 
@@ -62,8 +69,8 @@ def test_fixture_cases_match_tensorflow_on_the_device_path():
   assert checked == len(cases) == 135
 
 
-@pytest.mark.parametrize('mode', randaugment.MODES)
-@pytest.mark.parametrize('magnitude', [5.0, 15.0])
+@pytest.mark.parametrize('mode, magnitude', [('official', 15.0),
+                                             ('relative', 5.0)])
 def test_every_op_matches_the_host_on_random_images(mode, magnitude):
   rng = np.random.default_rng(int(magnitude))
   images = rng.integers(0, 256, (2 * 16, 40, 48, 3)).astype(np.uint8)
@@ -99,8 +106,8 @@ def test_train_batch_on_device_equals_the_host_batch(mixup, cutmix, layers):
       24, pipeline.Augment(**kwargs, on_device=True), 5, 4)(
           examples, np.random.default_rng(7))
   assert drawn['images'].dtype == np.float32
-  fn = compiler.jit(functools.partial(
-      device_augment.augment, num_layers=layers, magnitude=5.0))
+  fn = _jit(functools.partial(device_augment.augment, num_layers=layers,
+                              magnitude=5.0))
   device = {k: np.asarray(v) for k, v in fn(drawn).items()}
   assert sorted(device) == sorted(host)
   for key in host:
