@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     image = os.path.join(folder, "image.jpg")
     env = dict(os.environ, NFNETS_JAX_COMPILE_CACHE=os.path.join(
         folder, "cache"))
+    # Python keeps modules' bytecode between runs, as it does by default (a
+    # sandbox may turn it off; an editable install has none until then).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", WRITE, weights, image], check=True,
                    env=env)
     # A library user's own process with JAX's cache turned on (docs).

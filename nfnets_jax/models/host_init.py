@@ -105,14 +105,15 @@ Key = tuple[bool, str, str]  # (is_state, module name, leaf name)
 @contextlib.contextmanager
 def recording_initializers(into: dict[Key, Any]) -> Iterator[None]:
   """Records the initializer of every parameter and state created inside
-  into `into`: `(is_state, module, name)` -> `(initializer, dtype)`. Use it
-  inside a
-  Haiku transform (`models.stats.traced` does, tracing abstractly)."""
+  into `into`: `(is_state, module, name)` -> `(initializer, dtype)`, and
+  creates them as zeros, for a trace that wants shapes (`models.stats.
+  traced`: F0's took 0.4 s instead of 1.1 s with its truncated normals'
+  sampling traced). Use it inside a Haiku transform."""
 
   def recorder(is_state: bool) -> Callable[..., Any]:
     def record(next_creator, shape, dtype, init, context):
       into[(is_state, context.module_name, context.name)] = (init, dtype)
-      return next_creator(shape, dtype, init)
+      return next_creator(shape, dtype, jax.numpy.zeros)
     return record
 
   with hk.custom_creator(recorder(False), params=True, state=False), \
