@@ -221,7 +221,6 @@ class TrainBatch:
             'soft_labels': soft_labels,
             'mask': np.ones(len(labels), np.float32)}
 
-
   def _draws(self, images: np.ndarray, labels: np.ndarray,
              rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The `on_device` batch: resized images and the random draws."""

@@ -322,13 +322,21 @@ def geometric_index(name: str, magnitude: float, negative: bool,
 # f(image, level = magnitude / 10, negative, center, mode): the port's
 # mapping; `negative` and `center` are the op's random draws (`_draw`).
 _Op = Callable[[np.ndarray, float, bool, tuple[int, int], str], np.ndarray]
+
+
+def _warp(name: str) -> _Op:
+  """The geometric op `name` (one of `SIGNED_OPS`): `project` with its
+  transform."""
+  return lambda image, level, neg, center, mode: project(
+      image, _transform(name, level, neg, *image.shape[:2], mode))
+
+
 _OPS: dict[str, _Op] = {
     'AutoContrast': lambda image, level, neg, center, mode: autocontrast(
         image),
     'Equalize': lambda image, level, neg, center, mode: equalize(image),
     'Invert': lambda image, level, neg, center, mode: invert(image),
-    'Rotate': lambda image, level, neg, center, mode: project(
-        image, _transform('Rotate', level, neg, *image.shape[:2], mode)),
+    'Rotate': _warp('Rotate'),
     'Posterize': lambda image, level, neg, center, mode: posterize(
         image, int(level * 4)),
     'Solarize': lambda image, level, neg, center, mode: _solarize(
@@ -341,14 +349,10 @@ _OPS: dict[str, _Op] = {
         image, _enhance(level)),
     'Sharpness': lambda image, level, neg, center, mode: sharpness(
         image, _enhance(level)),
-    'ShearX': lambda image, level, neg, center, mode: project(
-        image, _transform('ShearX', level, neg, *image.shape[:2], mode)),
-    'ShearY': lambda image, level, neg, center, mode: project(
-        image, _transform('ShearY', level, neg, *image.shape[:2], mode)),
-    'TranslateX': lambda image, level, neg, center, mode: project(
-        image, _transform('TranslateX', level, neg, *image.shape[:2], mode)),
-    'TranslateY': lambda image, level, neg, center, mode: project(
-        image, _transform('TranslateY', level, neg, *image.shape[:2], mode)),
+    'ShearX': _warp('ShearX'),
+    'ShearY': _warp('ShearY'),
+    'TranslateX': _warp('TranslateX'),
+    'TranslateY': _warp('TranslateY'),
     'Cutout': lambda image, level, neg, center, mode: _cutout(
         image, level, center, mode),
     'SolarizeAdd': lambda image, level, neg, center, mode: solarize_add(
@@ -356,8 +360,8 @@ _OPS: dict[str, _Op] = {
 }
 # The 16 ops in the port's order.
 OP_NAMES = tuple(_OPS)
-# The ops that draw a sign (probability 1/2 each) and the one that draws a
-# position.
+# The geometric ops, which draw a sign (probability 1/2 each); Cutout draws
+# a position.
 SIGNED_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')
 
 

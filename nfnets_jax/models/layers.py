@@ -177,8 +177,8 @@ def standardized_kernels(kernels: Mapping[str, jax.Array]) -> Iterator[None]:
   (when the forward is *traced*), a `WSConv2D` whose module name is in
   `kernels` convolves with that kernel as it is, without standardizing its
   `w`; the others standardize as usual. `standardize_kernels` computes the
-  kernels, `ws_conv_settings` finds the modules (`pretrained.create.Model`
-  uses the three). Not for training: gradients would stop at the kernels.
+  kernels, `recording_ws_convs` finds the modules (`pretrained.create.Model`
+  uses the three, through `models.stats.traced`). Not for training: gradients would stop at the kernels.
 
   Args:
     kernels: module name -> standardized HWIO kernel (float32), as
@@ -208,26 +208,6 @@ def recording_ws_convs() -> Iterator[dict[str, tuple[float, EpsMode]]]:
     yield found
 
 
-def ws_conv_settings(apply: Callable[..., object], *args: object
-                     ) -> dict[str, tuple[float, EpsMode]]:
-  """The `WSConv2D`s a forward calls: module name -> `(eps, eps_mode)`.
-
-  Args:
-    apply: calls a transformed network's `apply` on `args`.
-    *args: its arguments: arrays or `jax.ShapeDtypeStruct`s. It is traced
-      abstractly (`jax.eval_shape`): nothing is computed or compiled.
-  """
-  found = {}
-
-  def traced(*args):
-    with recording_ws_convs() as recorded:
-      apply(*args)
-    found.update(recorded)
-
-  jax.eval_shape(traced, *args)
-  return found
-
-
 def standardize_kernels(params: Mapping[str, Mapping[str, jax.Array]],
                         settings: Mapping[str, tuple[float, EpsMode]]
                         ) -> dict[str, jax.Array]:
@@ -236,7 +216,8 @@ def standardize_kernels(params: Mapping[str, Mapping[str, jax.Array]],
 
   Args:
     params: a network's params `{module: {"w", "gain", ...}}`.
-    settings: `ws_conv_settings` of the same network.
+    settings: module name -> `(eps, eps_mode)` of the same network
+      (`recording_ws_convs`).
   """
   return {name: standardize_weight(params[name]["w"], params[name]["gain"],
                                    eps, eps_mode)

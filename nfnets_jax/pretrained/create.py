@@ -128,25 +128,19 @@ class Model:
   # (the params object, its standardized kernels): see `kernels`.
   _kernels: tuple[Any, dict[str, jax.Array]] | None = dataclasses.field(
       default=None, init=False, repr=False)
-  _ws_settings: dict[str, tuple[float, str]] | None = dataclasses.field(
-      default=None, init=False, repr=False)
 
   def standardize(self, params: hk.Params, state: hk.State
                   ) -> dict[str, jax.Array]:
     """Every WS convolution's standardized kernel for `params` (pure):
     module name -> HWIO kernel; empty for networks without WS convolutions.
 
-    The modules come from `create_model`'s trace of the model
-    (`stats.traced`), or are found once by tracing its forward abstractly
-    (`layers.ws_conv_settings`); the kernels are `layers.standardize_kernels`.
+    The modules are those of the family's one cached trace (`stats.traced`
+    of `family`, `model_kwargs`); the kernels are
+    `layers.standardize_kernels`.
     """
-    if self._ws_settings is None:
-      size = stats.TRACE_SIZE
-      images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-      self._ws_settings = layers.ws_conv_settings(
-          lambda p, s, x: self.net.apply(p, s, None, x, is_training=False),
-          params, state, images)
-    return layers.standardize_kernels(params, self._ws_settings)
+    del state  # Kernels depend on the params alone.
+    ws_convs = stats.traced(self.family, self.model_kwargs).ws_convs
+    return layers.standardize_kernels(params, ws_convs)
 
   def kernels(self) -> dict[str, jax.Array]:
     """`standardize(self.params, self.state)`, computed once per params.
@@ -600,10 +594,8 @@ def create_model(name: str | None = None, *,
     label_names = None
   # `jax.device_put`, not `jnp.asarray`: that compiled a copy for each new
   # shape (36 programs, 0.8 s for F0's weights).
-  model = Model(name=spec.name, net=net, params=jax.device_put(params),
+  return Model(name=spec.name, net=net, params=jax.device_put(params),
                state=jax.device_put(state), num_classes=classes,
                data_config=spec.data, family=spec.family,
                model_kwargs=kwargs, label_names=label_names,
                feature_indices=indices)
-  model._ws_settings = dict(stats.traced(spec.family, kwargs).ws_convs)
-  return model
