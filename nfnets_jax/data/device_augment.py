@@ -152,7 +152,7 @@ def _branches(height: int, width: int, magnitude: float, mode: str
           for negative in (False, True)]), jnp.int32)
       for name in ra.SIGNED_OPS}
   pad = int(ra._pixels(level, ra.CUTOUT_PIXELS, min(height, width), mode))  # pylint: disable=protected-access
-  contrast_level = int(min(height * width / 256.0, 255.0))
+  contrast_level = ra.contrast_level(height, width)
 
   def branch(name: str) -> _Branch:
     if name in fixed_tables:

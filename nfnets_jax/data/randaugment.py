@@ -160,8 +160,14 @@ def contrast(image: np.ndarray, factor: float) -> np.ndarray:
   The port means to blend from the mean grey level but divides the sum of
   the grey histogram (the pixel count) by 256.
   """
-  level = min(image.shape[0] * image.shape[1] / 256.0, 255.0)
-  return blend(np.full_like(image, int(level)), image, factor)
+  return blend(np.full_like(image, contrast_level(*image.shape[:2])), image,
+               factor)
+
+
+def contrast_level(height: int, width: int) -> int:
+  """The grey level the port's `contrast` blends from: min(H * W / 256,
+  255), truncated."""
+  return int(min(height * width / 256.0, 255.0))
 
 
 def contrast_mean_grey(image: np.ndarray, factor: float) -> np.ndarray:
