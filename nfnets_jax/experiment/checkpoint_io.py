@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any, NamedTuple
 import zlib
 
@@ -48,6 +49,8 @@ _MISMATCH, _CORRUPT = "mismatch", "corrupt"
 _UNVERIFIED, _OK = "unverified", "ok"
 _LIST_AT_MOST = 5  # Array names quoted in one message.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for an unfinished step.
+# A failed step's directory must stay gone this long to count as removed.
+_SETTLE_S, _SETTLE_MAX_S = 0.5, 10.0
 
 
 class CheckpointMismatchError(ValueError):
@@ -417,12 +420,29 @@ class Checkpointer:
         self._manager.latest_step(), removed)
 
   def _remove_unfinished(self, step: int) -> str | None:
-    """Deletes the failed step's temporary directory (half written)."""
+    """Deletes the failed step's temporary directory (half written).
+
+    Orbax reports the first failed write while TensorStore still completes
+    the step's other writes, which recreate the directory; so it is removed
+    again until it has stayed gone for `_SETTLE_S` (at most `_SETTLE_MAX_S`).
+    """
     pattern = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}*")
-    removed = sorted(glob.glob(pattern))
-    for path in removed:
-      shutil.rmtree(path, ignore_errors=True)
-    return ", ".join(removed) or None
+    removed = set()
+    deadline = time.monotonic() + _SETTLE_MAX_S
+    gone_since = None
+    while time.monotonic() < deadline:
+      paths = glob.glob(pattern)
+      if paths:
+        removed.update(paths)
+        gone_since = None
+        for path in paths:
+          shutil.rmtree(path, ignore_errors=True)
+      elif gone_since is None:
+        gone_since = time.monotonic()
+      elif time.monotonic() - gone_since >= _SETTLE_S:
+        break
+      time.sleep(0.05)
+    return ", ".join(sorted(removed)) or None
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
