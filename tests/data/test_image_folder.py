@@ -308,11 +308,12 @@ def test_validate_rejects_bad_folders(tmp_path, counts, batch, message):
   assert message in str(err.value)
 
 
-def test_cli_bad_folder_exits_2_before_compute(tmp_path):
+def test_cli_bad_folder_exits_2_before_compute(cache_dir, tmp_path):
   root = _tiny_folder(str(tmp_path / 'root'), {'cat': 4, 'dog': 0})
   proc = testing.train_in_process(
       str(tmp_path / 'w'), '--config.dataset.name=image_folder',
-      f'--config.dataset.data_dir={root}', config=testing.DEFAULT_CONFIG)
+      f'--config.dataset.data_dir={root}', config=testing.DEFAULT_CONFIG,
+      cache_dir=cache_dir)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert f"class folder(s) ['dog'] of '{root}' hold no images" in proc.stderr
   assert 'Traceback' not in proc.stderr
@@ -328,11 +329,12 @@ def _flags(root: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope='module')
-def reference(folder, tmp_path_factory):
+def reference(cache_dir, folder, tmp_path_factory):
   """A run of the digits config on the folder (in-process)."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'w')
   proc = testing.train_in_process(workdir, *_flags(folder),
-                                  config=testing.DEFAULT_CONFIG)
+                                  config=testing.DEFAULT_CONFIG,
+                                  cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir
 
@@ -361,7 +363,7 @@ def test_predict_names_the_class_of_new_images(reference, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
+def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(cache_dir, tmp_path):
   root = write_folder(str(tmp_path / 'root'))
   # Last of 61 sorted discs: not a holdout position, so read in training.
   bad = os.path.join(root, 'disc', 'zz_corrupt.png')
@@ -371,7 +373,8 @@ def test_corrupt_file_stops_with_exit_2_after_a_checkpoint(tmp_path):
     f.write(good[:len(good) // 2])  # A truncated PNG.
   workdir = str(tmp_path / 'w')
   proc = testing.train_in_process(workdir, *_flags(root),
-                                  config=testing.DEFAULT_CONFIG)
+                                  config=testing.DEFAULT_CONFIG,
+                                  cache_dir=cache_dir)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert f'cannot decode image {bad!r}' in proc.stderr
   step = int(proc.stderr.split('(at step ')[1].split(')')[0])

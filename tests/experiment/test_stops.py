@@ -50,10 +50,10 @@ def _logged(workdir):
 
 
 def test_sigterm_before_training_exits_130_saying_nothing_was_lost(
-    tmp_path, monkeypatch):
+    cache_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "w")
   monkeypatch.setattr(loop, "initial_state", _sigterm_then(loop.initial_state))
-  proc = testing.train_in_process(workdir)
+  proc = testing.train_in_process(workdir, cache_dir=cache_dir)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert _last_line(proc) == (
       f"nfnets-train: SIGTERM before the first step: stopped before training; "
@@ -63,11 +63,11 @@ def test_sigterm_before_training_exits_130_saying_nothing_was_lost(
 
 @pytest.mark.slow
 def test_sigterm_while_compiling_stops_before_the_first_step(
-    tmp_path, monkeypatch):
+    cache_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "w")
   monkeypatch.setattr(compiler.Compiled, "compile",
                       _sigterm_then(compiler.Compiled.compile))
-  proc = testing.train_in_process(workdir)
+  proc = testing.train_in_process(workdir, cache_dir=cache_dir)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert _last_line(proc) == (
       "nfnets-train: SIGTERM at step 0: stopped while compiling the train "
@@ -78,7 +78,7 @@ def test_sigterm_while_compiling_stops_before_the_first_step(
 
 @pytest.mark.slow
 def test_sigterm_in_a_save_and_in_an_evaluation_save_the_step_and_resume(
-    tmp_path, monkeypatch):
+    cache_dir, tmp_path, monkeypatch):
   """SIGTERM while step 4 is saved: that step is the last. SIGTERM in the
   evaluation of step 5 (not a checkpoint step): step 5 is saved, its
   evaluation not recorded. The resumed run logs each (split, step) once."""
@@ -87,7 +87,7 @@ def test_sigterm_in_a_save_and_in_an_evaluation_save_the_step_and_resume(
   with monkeypatch.context() as m:
     m.setattr(checkpoint_io.Checkpointer, "save", _sigterm_then(
         checkpoint_io.Checkpointer.save, lambda self, step, *_: step == 4))
-    proc = testing.train_in_process(workdir, eval_at_5)
+    proc = testing.train_in_process(workdir, eval_at_5, cache_dir=cache_dir)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert _last_line(proc) == "nfnets-train: SIGTERM at step 4: checkpoint saved"
   assert testing.checkpoint_steps(workdir) == [2, 4]
@@ -95,14 +95,14 @@ def test_sigterm_in_a_save_and_in_an_evaluation_save_the_step_and_resume(
 
   with monkeypatch.context() as m:
     m.setattr(loop, "run_evaluation", _sigterm_then(loop.run_evaluation))
-    proc = testing.train_in_process(workdir, eval_at_5)
+    proc = testing.train_in_process(workdir, eval_at_5, cache_dir=cache_dir)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert _last_line(proc) == ("nfnets-train: SIGTERM at step 5: stopped in "
                               "the evaluation; checkpoint saved")
   assert testing.checkpoint_steps(workdir) == [2, 4, 5]
   assert _logged(workdir) == [("train", s) for s in range(1, 6)]
 
-  proc = testing.train_in_process(workdir, eval_at_5)
+  proc = testing.train_in_process(workdir, eval_at_5, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   logged = _logged(workdir)
   assert sorted(logged) == sorted(
@@ -112,7 +112,7 @@ def test_sigterm_in_a_save_and_in_an_evaluation_save_the_step_and_resume(
 
 @pytest.mark.slow
 def test_sigterm_in_the_final_evaluation_exits_130_and_resumes_to_it(
-    reference_run, tmp_path, monkeypatch):
+    cache_dir, reference_run, tmp_path, monkeypatch):
   """The final checkpoint is saved, its evaluation not recorded: a second
   run evaluates it, once."""
   workdir = str(tmp_path / "w")
@@ -124,14 +124,14 @@ def test_sigterm_in_the_final_evaluation_exits_130_and_resumes_to_it(
 
   with monkeypatch.context() as m:
     m.setattr(loop, "run_evaluation", _sigterm_then(loop.run_evaluation))
-    proc = testing.train_in_process(workdir)
+    proc = testing.train_in_process(workdir, cache_dir=cache_dir)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert _last_line(proc) == (
       "nfnets-train: SIGTERM at step 12: stopped in the final evaluation; "
       "the final checkpoint is saved, run again to evaluate it")
   assert run_logging.read_metrics(workdir) == records[:-1]
 
-  proc = testing.train_in_process(workdir)
+  proc = testing.train_in_process(workdir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   evals = [r for r in run_logging.read_metrics(workdir) if r["step"] == 12
            and r["split"] == "eval"]

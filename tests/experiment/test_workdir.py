@@ -40,13 +40,14 @@ def _workdir_files(workdir):
   return sorted(os.listdir(workdir))
 
 
-def test_a_live_run_holds_the_workdir_and_a_killed_one_does_not(tmp_path):
+def test_a_live_run_holds_the_workdir_and_a_killed_one_does_not(
+    cache_dir, tmp_path):
   workdir = str(tmp_path / "w")
   holder = subprocess.Popen([sys.executable, "-c", _HOLDER, workdir],
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "locked"
-    proc = testing.train_in_process(workdir)
+    proc = testing.train_in_process(workdir, cache_dir=cache_dir)
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert f"workdir {workdir} is in use by another run" in message
@@ -93,20 +94,20 @@ def test_resume_moves_records_after_the_checkpoint_aside(tmp_path):
 
 @pytest.mark.slow
 def test_a_finished_workdir_reports_its_result_or_reevaluates(
-    reference_run, tmp_path):
+    cache_dir, reference_run, tmp_path):
   workdir = str(tmp_path / "finished")
   shutil.copytree(reference_run, workdir)
   before = run_logging.read_metrics(workdir)
   final = before[-1]
   assert (final["split"], final["step"]) == ("eval", 12)
 
-  proc = testing.train_in_process(workdir)
+  proc = testing.train_in_process(workdir, cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == loop.final_line(
       12, final) + " (recorded: the run had finished)"
   assert run_logging.read_metrics(workdir) == before  # Nothing added.
 
-  proc = testing.train_in_process(workdir, "--reevaluate")
+  proc = testing.train_in_process(workdir, "--reevaluate", cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1].endswith("(re-evaluated)")
   after = run_logging.read_metrics(workdir)
@@ -120,19 +121,21 @@ def test_a_finished_workdir_reports_its_result_or_reevaluates(
 # Suite time: the end-to-end refusal is opt-in (-m long); which fields
 # count is test_identity_ignores_free_fields_and_names_missing_ones below.
 @pytest.mark.long
-def test_a_resume_that_changes_the_model_is_refused_unless_allowed(tmp_path):
+def test_a_resume_that_changes_the_model_is_refused_unless_allowed(
+    cache_dir, tmp_path):
   """A resume with another activation (same shapes) and run length: exit 2
   naming both values of each; with the override it trains, the original
   config.json kept and the changes recorded beside it."""
   workdir = str(tmp_path / "w")
-  proc = testing.train_in_process(workdir, "--config.train.num_steps=4")
+  proc = testing.train_in_process(workdir, "--config.train.num_steps=4",
+                                  cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   config_json = (tmp_path / "w" / run_identity.CONFIG_FILE).read_bytes()
   logged = run_logging.read_metrics(workdir)
 
   changed = ("--config.model.kwargs.activation=relu",
              "--config.eval.every_steps=0")  # Free: not the trained state.
-  proc = testing.train_in_process(workdir, *changed)
+  proc = testing.train_in_process(workdir, *changed, cache_dir=cache_dir)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   message = proc.stderr.split("nfnets-train: error: ")[1]
@@ -146,7 +149,8 @@ def test_a_resume_that_changes_the_model_is_refused_unless_allowed(tmp_path):
 
   proc = testing.train_in_process(
       workdir, *changed,
-      "--allow_config_change=model.kwargs.activation,train.num_steps")
+      "--allow_config_change=model.kwargs.activation,train.num_steps",
+      cache_dir=cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert testing.checkpoint_steps(workdir)[-1] == 12
   assert (tmp_path / "w" / run_identity.CONFIG_FILE).read_bytes() == config_json

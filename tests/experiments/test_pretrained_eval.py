@@ -14,7 +14,6 @@ import shutil
 import sys
 
 import haiku as hk
-import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -118,17 +117,8 @@ def compilation_cache(tmp_path_factory):
   Every `main()` builds a new eval step, so the in-memory cache misses; the
   persistent one is keyed by the program and saves ~4 s a call on CPU.
   """
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir",
-                    str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  cc.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  cc.reset_cache()
+  with testing.persistent_cache(str(tmp_path_factory.mktemp("jax_cache"))):
+    yield
 
 
 @pytest.fixture(scope="module")
