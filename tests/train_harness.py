@@ -104,10 +104,7 @@ def train_in_process(workdir: str, *flags: str, cache_dir: str,
   The command's own code path (`nfnets_jax.cli.train.run` behind
   `errors.guard`, as its console entry point), without a new interpreter;
   for runs whose bits are not compared with a subprocess's (those compile
-  with other XLA flags, `subprocess_env`). As the subprocesses do, the run
-  traces XLA's own convolutions and keeps its programs in the persistent
-  compilation cache `cache_dir` (`persistent_cache`): a run whose steps were
-  compiled before took 4 s instead of 11 s.
+  with other XLA flags, `subprocess_env`), under `cached_compiles`.
   """
   from nfnets_jax.cli import errors  # pylint: disable=g-import-not-at-top
   from nfnets_jax.cli import train  # pylint: disable=g-import-not-at-top
@@ -115,10 +112,20 @@ def train_in_process(workdir: str, *flags: str, cache_dir: str,
           *TINY_FLAGS, *flags]
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-      persistent_cache(cache_dir), _environ(NFNETS_JAX_CONV="native"):
+      cached_compiles(cache_dir):
     status = errors.guard(train.PROG, lambda: train.run(argv), argv=argv)
   return subprocess.CompletedProcess(argv, status, out.getvalue(),
                                      err.getvalue())
+
+
+@contextlib.contextmanager
+def cached_compiles(cache_dir: str) -> Iterator[None]:
+  """In-process runs as the subprocesses compile: XLA's own convolutions
+  (`NFNETS_JAX_CONV=native`) and every program kept in the persistent
+  compilation cache `cache_dir`. A tiny run whose steps were compiled
+  before took 4 s instead of 11 s."""
+  with persistent_cache(cache_dir), _environ(NFNETS_JAX_CONV="native"):
+    yield
 
 
 @contextlib.contextmanager

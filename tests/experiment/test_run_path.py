@@ -41,7 +41,7 @@ def test_validation_decides_without_changing_the_config(finetune):
 
 @pytest.mark.slow
 def test_pretrained_read_once_and_resume_builds_a_template(
-    finetune, monkeypatch, capsys):
+    cache_dir, finetune, monkeypatch, capsys):
   reads, inits, templates = [], [], []
   monkeypatch.setattr(create, "load_checkpoint", _spy(
       create.load_checkpoint, reads))
@@ -49,7 +49,8 @@ def test_pretrained_read_once_and_resume_builds_a_template(
       train_state.init_train_state, inits))
   monkeypatch.setattr(train_state, "train_state_template", _spy(
       train_state.train_state_template, templates))
-  first = loop.run(finetune)
+  with testing.cached_compiles(cache_dir):
+    first = loop.run(finetune)
   assert (len(reads), len(inits), len(templates)) == (1, 1, 0)
   # The result in one line; every parameter's shape in the workdir.
   lines = [l for l in capsys.readouterr().out.splitlines()
@@ -65,7 +66,8 @@ def test_pretrained_read_once_and_resume_builds_a_template(
   # not read again (only the file's first bytes, for its forward) and no
   # initializer runs. A longer run changes the schedule: allowed by name.
   finetune.train.num_steps = 4
-  second = loop.run(finetune, allow_config_change=["train.num_steps"])
+  with testing.cached_compiles(cache_dir):
+    second = loop.run(finetune, allow_config_change=["train.num_steps"])
   assert (len(reads), len(inits), len(templates)) == (1, 1, 1)
   (net, tx), _ = templates[0]
   assert all(isinstance(x, jax.ShapeDtypeStruct)
