@@ -5,7 +5,8 @@ Three kinds of dataset:
 * `'digits'`: scikit-learn's bundled 8x8 handwritten digits (1,797 images,
   10 classes), split once with a fixed seed, stratified, into 1,437 train and
   360 test images; VALID is the test split and TRAIN_AND_VALID the train split
-  (there is no separate validation set). Nothing is downloaded.
+  (there is no separate validation set). Nothing is downloaded, and
+  scikit-learn is not imported (`read_digits`, `stratified_split`).
 * any TFDS image-classification dataset prepared in `data_dir` in the
   `array_record` format, read with `tfds.data_source` (no TensorFlow).
 * `'image_folder'`: a folder `data_dir` of class folders, decoded with PIL
@@ -27,6 +28,8 @@ a 10% holdout of 'train' otherwise):
 import dataclasses
 import enum
 import functools
+import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -281,6 +284,73 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
       splits=_split_table(sizes, holdout, test_base))
 
 
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's copy of the UCI handwritten digits, read without
+  importing scikit-learn (1 s): `sklearn.datasets.load_digits()`'s
+  `(images, target)`, float64 `[1797, 8, 8]` intensities 0-16 and int
+  `[1797]` labels.
+
+  Raises:
+    FileNotFoundError: scikit-learn (which ships the file) is not installed.
+  """
+  spec = importlib.util.find_spec('sklearn')
+  locations = (spec.submodule_search_locations or []) if spec else []
+  path = os.path.join(*locations[:1], 'datasets', 'data', 'digits.csv.gz')
+  if not locations or not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'the digits dataset is read from scikit-learn\'s {path!r}: install '
+        'scikit-learn')
+  data = np.loadtxt(path, delimiter=',')
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def _approximate_mode(counts: np.ndarray, draws: int,
+                      rng: np.random.RandomState) -> np.ndarray:
+  """How many of `draws` each class gets, in proportion to `counts`:
+  floors, then one more for the largest remainders (ties broken by `rng`)."""
+  continuous = counts / counts.sum() * draws
+  floored = np.floor(continuous)
+  need = int(draws - floored.sum())
+  remainder = continuous - floored
+  for value in np.sort(np.unique(remainder))[::-1]:
+    if need == 0:
+      break
+    (tied,) = np.where(remainder == value)
+    take = min(len(tied), need)
+    floored[rng.choice(tied, size=take, replace=False)] += 1
+    need -= take
+  return floored.astype(int)
+
+
+def stratified_split(labels: np.ndarray, num_test: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """`(train indices, test indices)` with each class in proportion.
+
+  The split `sklearn.model_selection.train_test_split(np.arange(n),
+  test_size=num_test, stratify=labels, random_state=seed)` makes, draw for
+  draw from the same `np.random.RandomState(seed)` (tested equal), without
+  importing scikit-learn.
+
+  Args:
+    labels: `[n]` class labels.
+    num_test: the test split's size.
+    seed: the generator's seed.
+  """
+  _, inverse, counts = np.unique(labels, return_inverse=True,
+                                 return_counts=True)
+  members = np.split(np.argsort(inverse, kind='stable'),
+                     np.cumsum(counts)[:-1])
+  rng = np.random.RandomState(seed)
+  train_counts = _approximate_mode(counts, len(labels) - num_test, rng)
+  test_counts = _approximate_mode(counts - train_counts, num_test, rng)
+  train, test = [], []
+  for indices, n_train, n_test in zip(members, train_counts, test_counts):
+    shuffled = indices[rng.permutation(len(indices))]
+    train.extend(shuffled[:n_train])
+    test.extend(shuffled[n_train:n_train + n_test])
+  return rng.permutation(train), rng.permutation(test)
+
+
 @functools.lru_cache(maxsize=4)
 def digits_images(image_size: int) -> tuple[dict[str, np.ndarray],
                                             dict[str, np.ndarray]]:
@@ -298,20 +368,14 @@ def digits_images(image_size: int) -> tuple[dict[str, np.ndarray],
     `(images, labels)` keyed by 'train' / 'test': uint8
     `[N, image_size, image_size, 3]` and int32 `[N]`.
   """
-  # Imported here: scikit-learn is only needed for this embedded dataset.
-  # pylint: disable=g-import-not-at-top
-  from sklearn import datasets as sk_datasets
-  from sklearn import model_selection
-  # pylint: enable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
-  pixels = digits.images[..., None] * (255.0 / 16.0)
+  digit_pixels, digit_labels = read_digits()
+  pixels = digit_pixels[..., None] * (255.0 / 16.0)
   upsampled = preprocessing.resize_bicubic(pixels, image_size, image_size)
   images = np.repeat(np.clip(np.round(upsampled), 0, 255).astype(np.uint8),
                      3, axis=-1)
-  train_idx, test_idx = model_selection.train_test_split(
-      np.arange(DIGITS_NUM_EXAMPLES), test_size=DIGITS_NUM_TEST,
-      stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
-  labels = digits.target.astype(np.int32)
+  train_idx, test_idx = stratified_split(digit_labels, DIGITS_NUM_TEST,
+                                         DIGITS_SPLIT_SEED)
+  labels = digit_labels.astype(np.int32)
   out = ({'train': images[train_idx], 'test': images[test_idx]},
          {'train': labels[train_idx], 'test': labels[test_idx]})
   for part in out:

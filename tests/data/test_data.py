@@ -268,6 +268,25 @@ def test_digits_split_sizes_and_class_balance():
   np.testing.assert_allclose(counts, total * 360 / 1797, atol=1.0)
 
 
+def test_digits_are_scikit_learns_without_importing_it():
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  pixels, labels = sources.read_digits()
+  np.testing.assert_array_equal(pixels, digits.images)
+  np.testing.assert_array_equal(labels, digits.target)
+  # The split, on the digits and on label sets with ties and odd counts.
+  rng = np.random.default_rng(0)
+  cases = [(digits.target, 360, 0), (digits.target, 100, 3),
+           (rng.integers(0, 3, 50), 11, 1), (np.repeat([4, 7, 9], 5), 6, 2)]
+  for y, num_test, seed in cases:
+    expected = model_selection.train_test_split(
+        np.arange(len(y)), test_size=num_test, stratify=y, random_state=seed)
+    for ours, theirs in zip(sources.stratified_split(y, num_test, seed),
+                            expected):
+      np.testing.assert_array_equal(ours, theirs)
+
+
 def test_split_names_and_strings():
   assert data.Split.from_string('validation') is data.Split.VALID
   assert data.Split.from_string('train_and_valid') is (
