@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 import json
+import os
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from nfnets_jax.cli import compile_cache
 from nfnets_jax.cli import errors
+from nfnets_jax.cli import forward_cache
 from nfnets_jax.cpu import malloc
 from nfnets_jax.data import images
 from nfnets_jax.pretrained import create
@@ -95,13 +97,21 @@ def read_image(path: str) -> np.ndarray:
   return images.read_rgb(path)
 
 
-def load_predictor(pretrained: str, model_name: str | None) -> Any:
-  """A `Model` or `ExportedModel` (both: callable, `data_config`, labels)."""
+def load_predictor(pretrained: str, model_name: str | None,
+                   forwards: str | None = None) -> Any:
+  """A `Model` or `ExportedModel` (both: callable, `data_config`, labels).
+
+  Args:
+    pretrained, model_name: `--pretrained`, `--model`.
+    forwards: a folder of `forward_cache` (None: the model is traced).
+  """
   if export.is_exported(pretrained):
     if model_name is not None:
       raise errors.UsageError(f"--model={model_name!r}: an exported artifact "
                            "fixes its model; leave --model unset")
     return export.load_exported(pretrained)
+  if forwards is not None:
+    return forward_cache.load_predictor(forwards, pretrained, model_name)
   return create.create_model(model_name, pretrained=pretrained)
 
 
@@ -147,14 +157,22 @@ def format_line(path: str, top: Sequence[dict[str, Any]], as_json: bool
                                  for t in top)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-  """The command; returns the exit status (see the module docstring)."""
+def run(argv: Sequence[str] | None = None, cache: str | None = None) -> int:
+  """The command; returns the exit status (see the module docstring).
+
+  Args:
+    argv: the arguments.
+    cache: the compilation cache's folder (`compile_cache.enable`), where
+      traced forwards are kept too (`forward_cache`); None: not kept.
+  """
   args = make_parser().parse_args(argv)
   if args.top_k < 1:
     raise errors.UsageError(f"--top-k={args.top_k} must be >= 1")
   if args.batch_size < 1:
     raise errors.UsageError(f"--batch-size={args.batch_size} must be >= 1")
-  predictor = load_predictor(args.pretrained, args.model)
+  forwards = (None if cache is None
+              else os.path.join(cache, forward_cache.SUBFOLDER))
+  predictor = load_predictor(args.pretrained, args.model, forwards)
   paths, inputs, failed = [], [], 0
   for path in args.images:
     try:
@@ -178,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point: `run` behind `errors.guard` (bad input -> exit 2)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   malloc.tune()  # Opt-in (NFNETS_JAX_MALLOC=1); before JAX starts.
-  compile_cache.enable()  # NFNETS_JAX_COMPILE_CACHE=0 turns it off.
-  return errors.guard(PROG, lambda: run(argv), argv=argv)
+  cache = compile_cache.enable()  # NFNETS_JAX_COMPILE_CACHE=0 turns it off.
+  return errors.guard(PROG, lambda: run(argv, cache), argv=argv)
 
 
 if __name__ == "__main__":

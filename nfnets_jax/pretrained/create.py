@@ -478,8 +478,20 @@ def feature_indices(info: Sequence[layers.FeatureInfo],
   return tuple(sorted(chosen))
 
 
+def resolve_label_names(names: Sequence[str] | None, num_classes: int
+                        ) -> tuple[str, ...] | None:
+  """A model's class names: `names` (a workdir's), else the ImageNet
+  synsets for 1000 classes; None when there are none or their count is not
+  `num_classes`."""
+  if names is None and num_classes == 1000:
+    names = imagenet_label_names()
+  if names is None or len(names) != num_classes:
+    return None
+  return tuple(names)
+
+
 def create_model(name: str | None = None, *,
-                 pretrained: PathLike | None | bool = None,
+                 pretrained: PathLike | Checkpoint | None | bool = None,
                  num_classes: int | None = None, seed: int = 0,
                  features_only: bool = False,
                  out_indices: Sequence[int] | None = None,
@@ -494,8 +506,9 @@ def create_model(name: str | None = None, *,
       file of that model builds timm's (`timm_nf_resnet50`, ...): the file
       tells the two apart.
     pretrained: a checkpoint in any format of `detect_format` but
-      'exported'. None: random weights from `seed`, with a warning that
-      says so; False: random weights, asked for (no warning).
+      'exported', or a `Checkpoint` `load_checkpoint` read. None: random
+      weights from `seed`, with a warning that says so; False: random
+      weights, asked for (no warning).
     num_classes: classifier outputs. Default: the checkpoint's, else the
       name's (1000). A different count than the checkpoint's replaces its
       classifier (N(0, 0.01) weights, zero bias) for fine-tuning.
@@ -530,7 +543,10 @@ def create_model(name: str | None = None, *,
                      "pass the path of a checkpoint you have (official "
                      "F*_haiku.npz, timm .safetensors/.pth, .npz, workdir)")
   random_weights = pretrained is None or pretrained is False
-  ckpt = None if random_weights else load_checkpoint(pretrained)
+  if random_weights or isinstance(pretrained, Checkpoint):
+    ckpt = None if random_weights else pretrained
+  else:
+    ckpt = load_checkpoint(pretrained)
   if name is not None:
     spec = registry.get_spec(name)
     if (ckpt is not None and ckpt.spec is not None
@@ -572,7 +588,7 @@ def create_model(name: str | None = None, *,
       drawn = compiler.run_once(lambda x: net.init(
           jax.random.PRNGKey(seed), x, is_training=True), images)
     params, state = drawn
-    label_names = imagenet_label_names() if classes == 1000 else None
+    label_names = resolve_label_names(None, classes)
   else:
     want, want_state = stats.param_shapes(spec.family, kwargs, base_classes)
     checks.compare_shapes(
@@ -583,15 +599,11 @@ def create_model(name: str | None = None, *,
           ckpt.state, want_state, source=f"checkpoint {ckpt.path} (state)",
           target=f"{target}, num_classes={base_classes})")
     params, state = ckpt.params, ckpt.state
-    label_names = ckpt.label_names
+    label_names = resolve_label_names(ckpt.label_names, classes)
     if classes != base_classes:
       params = checks.replace_classifier(params, spec.family, kwargs, classes,
                                          seed=seed)
-      label_names = None
-    elif label_names is None and classes == 1000:
-      label_names = imagenet_label_names()
-  if label_names is not None and len(label_names) != classes:
-    label_names = None
+      label_names = None  # A new head: its classes have no names yet.
   # `jax.device_put`, not `jnp.asarray`: that compiled a copy for each new
   # shape (36 programs, 0.8 s for F0's weights).
   return Model(name=spec.name, net=net, params=jax.device_put(params),

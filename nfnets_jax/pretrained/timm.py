@@ -201,6 +201,19 @@ def to_numpy(value: Any, key: str) -> np.ndarray:
   return value
 
 
+def c_order_copy(x: np.ndarray, block: int = 64) -> np.ndarray:
+  """A new C-order array equal to `x` (often a transposed view), copied in
+  slices of `block` along the last axis: NumPy's whole-array copy of a
+  transposed view strides through memory, and converting dm_nfnet_f0's
+  OIHW kernels to HWIO took 0.27 s that way, 0.11 s in slices of 64."""
+  out = np.empty(x.shape, x.dtype)
+  if x.ndim == 0:
+    out[()] = x
+  for start in range(0, x.shape[-1] if x.ndim else 0, block):
+    out[..., start:start + block] = x[..., start:start + block]
+  return out
+
+
 def from_timm_state_dict(state_dict: Mapping[str, Any],
                          variant: str | None = None
                          ) -> tuple[Params, dict[str, Any]]:
@@ -252,7 +265,7 @@ def from_timm_state_dict(state_dict: Mapping[str, Any],
         raise ValueError(f"state dict {key!r}: shape {x.shape} is not an OIHW "
                          "conv kernel")
       x = x.transpose(2, 3, 1, 0)
-    params.setdefault(module, {})[name] = np.array(x, order="C", copy=True)
+    params.setdefault(module, {})[name] = c_order_copy(x)
   block_names = {m.rsplit("/~/", 1)[0] for m in params
                  if re.fullmatch(rf"{PREFIX}/~/nf_block(_\d+)?/~/conv0", m)}
   no_skip = sorted(b for b in block_names

@@ -141,7 +141,7 @@ def from_timm_state_dict(state_dict: Mapping[str, Any]) -> Params:
   params: Params = {}
   for key, (module, name, kind) in param_names(state_dict).items():
     x = _convert(key, kind, name, timm.to_numpy(state_dict[key], key))
-    params.setdefault(module, {})[name] = np.array(x, order="C", copy=True)
+    params.setdefault(module, {})[name] = timm.c_order_copy(x)
   return params
 
 

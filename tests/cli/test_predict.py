@@ -18,6 +18,7 @@ import pytest
 
 import nfnets_jax as nj  # noqa: E402
 from nfnets_jax.pretrained import create
+from nfnets_jax.cli import forward_cache  # noqa: E402
 from nfnets_jax.cli import predict  # noqa: E402
 from nfnets_jax.pretrained import registry  # noqa: E402
 import train_harness as testing  # noqa: E402
@@ -180,6 +181,54 @@ def test_workdir_with_class_names_in_a_subprocess(reference_run, image_files,
     assert t["label"] == names[t["index"]]
   others = np.delete(probs, [t["index"] for t in top])
   assert min(t["prob"] for t in top) >= others.max() - 1e-6
+
+
+def test_forward_cache_classifies_alike_and_traces_once(
+    reference_run, image_files, tmp_path, monkeypatch, capsys):
+  """The first run builds the model and caches its forwards (batches 2 and
+  1); the next traces nothing and gives the same probabilities, with the
+  class names read afresh; a damaged program is built again."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_run, workdir)
+  builds = []
+  build = forward_cache.build
+  monkeypatch.setattr(forward_cache, "build",
+                      lambda *args: builds.append(args) or build(*args))
+  files = [image_files[k] for k in ("rgb.png", "grey.png", "rgba.png")]
+  argv = ["--pretrained", str(workdir), "--json", "--top-k", "10",
+          "--batch-size", "2", *files]
+  model = nj.create_model(pretrained=workdir)
+  folder = tmp_path / "cache" / forward_cache.SUBFOLDER
+  for names, built in (("abcdefghij", 1), ("klmnopqrst", 1)):
+    (workdir / create.CLASS_NAMES_FILE).write_text(json.dumps(list(names)))
+    assert predict.run(argv, str(tmp_path / "cache")) == 0
+    out = capsys.readouterr().out
+    results = [json.loads(line) for line in out.splitlines()]
+    assert len(builds) == built
+    assert [r["path"] for r in results] == files
+    for image, result in zip(files, results):
+      probs = expected_probs(model, image)
+      for t in result["top"]:
+        assert t["prob"] == pytest.approx(probs[t["index"]], rel=1e-4)
+        assert t["label"] == names[t["index"]]
+  entries = sorted(name.split(".", 1)[1] for name in os.listdir(folder))
+  assert entries == ["1.jaxexport", "2.jaxexport", "json"]
+  (program,) = folder.glob("*.2.jaxexport")
+  program.write_bytes(b"not a program")
+  assert predict.run(argv, str(tmp_path / "cache")) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 3 and len(builds) == 2
+
+
+def test_c_order_copy_is_a_new_array_equal_to_the_view():
+  from nfnets_jax.pretrained import timm  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for shape in [(), (5,), (3, 130), (70, 3, 3, 3)]:
+    x = np.asarray(rng.normal(size=shape), np.float32)
+    view = x.transpose(*reversed(range(x.ndim)))
+    copy = timm.c_order_copy(view)
+    assert copy.flags.c_contiguous and copy.shape == view.shape
+    assert not np.shares_memory(copy, x)
+    np.testing.assert_array_equal(copy, view)
 
 
 def _blank_png(path, side):
