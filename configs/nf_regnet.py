@@ -19,8 +19,8 @@ the pipeline here resizes to test + 32 then center-crops, as for NFNets.
 Expected result: see the ICLR 2021 paper (Brock, De & Smith), whose NF-RegNet
 table this recipe comes from; not reproduced here.
 Runtime: not measured here (no accelerator pod). The smoke form (one step of
-a tiny model) needs the dataset prepared; the tests run every config's smoke
-form on TFDS mock data, about a minute for all of them on 2 CPU cores.
+a tiny model) needs the dataset prepared; the tests run it on TFDS mock
+data when asked (`pytest -m long`; 12-16 s on 2 CPU cores).
 """
 from nfnets_jax import NF_REGNET_VARIANTS
 from nfnets_jax.experiment import config_schema

@@ -41,8 +41,8 @@ Expected result: not measured here (the pretrained weights cannot be
 downloaded on this machine).
 Runtime: not measured here (no accelerator). The smoke form (one step, with a
 tiny model the test saves as the "pretrained" file) needs the dataset
-prepared; the tests run every config's smoke form on TFDS mock data, about a
-minute for all of them on 2 CPU cores.
+prepared; the tests fine-tune it on an image folder
+(tests/data/test_image_folder.py).
 """
 from nfnets_jax.experiment import recipes
 
