@@ -137,6 +137,7 @@ class CachedPredictor:
   _model_name: str | None
   _model: create.Model | None
   _programs: dict[int, Any] = dataclasses.field(default_factory=dict)
+  _device_weights: tuple[Any, Any] | None = None
 
   def __call__(self, images: Any) -> jax.Array:
     images = jnp.asarray(images, jnp.float32)
@@ -146,12 +147,13 @@ class CachedPredictor:
     return self._programs[batch](*self._weights(), images)
 
   def _weights(self) -> tuple[Any, Any]:
+    """`(params, state)` on the device (the built model's, if built)."""
     if self._model is not None:
       return self._model.params, self._model.state
-    weights = jax.device_put((self._ckpt.params, self._ckpt.state))
-    self._ckpt = dataclasses.replace(self._ckpt, params=weights[0],
-                                     state=weights[1])
-    return weights
+    if self._device_weights is None:
+      self._device_weights = jax.device_put((self._ckpt.params,
+                                             self._ckpt.state))
+    return self._device_weights
 
   def _exported(self, batch: int) -> jax.export.Exported:
     """The forward for `batch` images: cached, else exported and cached."""

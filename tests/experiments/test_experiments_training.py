@@ -53,6 +53,10 @@ def _check_run(r, batch_size, epochs):
     assert math.isnan(r["test_top1"]) and math.isnan(r["test_loss"])
 
 
+# Opt-in (-m long), to keep the suite under CI's 10 minutes: 12 small runs,
+# 37 compilations; the small-scale trainer is run by the clipping-threshold
+# experiment's test and the trainer tests here.
+@pytest.mark.long
 def test_agc_batch_size_quick(tmp_path):
   out = agc_batch_size.main(["--quick", "--out", str(tmp_path)])
   experiment_outputs.check_outputs(tmp_path, agc_batch_size.MODULE,
