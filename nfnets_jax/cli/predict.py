@@ -99,7 +99,8 @@ def read_image(path: str) -> np.ndarray:
 
 def load_predictor(pretrained: str, model_name: str | None,
                    forwards: str | None = None) -> Any:
-  """A `Model` or `ExportedModel` (both: callable, `data_config`, labels).
+  """A `Model`, `ExportedModel` or `forward_cache.CachedPredictor` (each:
+  callable, `data_config`, `label_names`).
 
   Args:
     pretrained, model_name: `--pretrained`, `--model`.
